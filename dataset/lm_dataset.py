@@ -179,12 +179,13 @@ def tokenize_with_mask(tokenizer, text, max_length):
     labels = [-100] * len(ids)
     k = 0
     for i, (tok_start, tok_end) in enumerate(offsets):
-        # A token belongs to the span its first character falls in (spans are sorted; tokens never go backwards).
+        # Supervise every token that overlaps a span: a tokenizer that merges the header's "\n" with the first
+        # content characters still learns to produce them. Spans are sorted and offsets never go backwards.
         while k < len(spans) and tok_start >= spans[k][1]:
             k += 1
         if k == len(spans):
             break
-        if spans[k][0] <= tok_start < spans[k][1] and tok_end > tok_start:
+        if tok_end > spans[k][0] and tok_end > tok_start:
             labels[i] = ids[i]
     ids, labels = ids[:max_length], labels[:max_length]
     return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)

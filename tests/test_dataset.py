@@ -1,0 +1,257 @@
+"""Datasets and collate functions: loss masks, BOS/EOS, padding, DPO layout, RL prompts, errors, demo files.
+
+    python -m pytest tests/test_dataset.py -q
+"""
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "dataset" / "demo"
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from dataset.lm_dataset import (DataFormatError, DPODataset, PretrainDataset, RLAIFDataset, SFTDataset,  # noqa: E402
+                                collate_dpo, collate_lm, collate_rl)
+
+CHAT = [{"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "3+4=?"}, {"role": "assistant", "content": "3+4=7。"},
+        {"role": "user", "content": "And in words?"}, {"role": "assistant", "content": "Seven."}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(ROOT / "model"))
+
+
+@pytest.fixture(scope="module")
+def char_tok():
+    """A different ChatML tokenizer: one token per character, other ids, and a template that injects a default
+    system prompt. "\\n答" is an added token, so one token straddles the assistant header and its content."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,?!:+=<>/{}\"'_-。？答案是七你好"
+    vocab = {"<unk>": 0, "<pad>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    core.add_tokens(["\n答"])
+    t = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                pad_token="<pad>", unk_token="<unk>")
+    t.chat_template = ("{% if messages[0].role != 'system' %}<|im_start|>system\nDefault.<|im_end|>\n{% endif %}"
+                       "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return t
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n"
+                            for r in records), encoding="utf-8")
+    return path
+
+
+def supervised_runs(tokenizer, input_ids, labels):
+    """Decoded text of each maximal run of supervised positions; labels must equal the ids where supervised."""
+    keep = labels != -100
+    assert torch.equal(labels[keep], input_ids[keep])
+    runs, current = [], []
+    for token, k in zip(input_ids.tolist(), keep.tolist()):
+        if k:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(r) for r in runs]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# SFT masks
+
+def test_sft_mask_multi_turn(tok, tmp_path):
+    item = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [{"conversations": CHAT}]), tok)[0]
+    assert supervised_runs(tok, item["input_ids"], item["labels"]) == ["3+4=7。<|im_end|>", "Seven.<|im_end|>"]
+    assert tok.decode(item["input_ids"]) == tok.apply_chat_template(CHAT, tokenize=False)
+
+
+def test_sft_mask_tools_and_reasoning(tok, tmp_path):
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    convo = [{"role": "user", "content": "Add 2 and 5."},
+             {"role": "assistant", "content": "", "tool_calls": json.dumps([{"name": "add",
+                                                                              "arguments": {"a": 2, "b": 5}}])},
+             {"role": "tool", "content": "7"},
+             {"role": "assistant", "content": "<answer>\n7\n</answer>", "reasoning_content": "The tool said 7."}]
+    item = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [{"conversations": convo, "tools": tools}]), tok)[0]
+    assert supervised_runs(tok, item["input_ids"], item["labels"]) == [
+        '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 5}}\n</tool_call><|im_end|>',
+        "<think>\nThe tool said 7.\n</think>\n<answer>\n7\n</answer><|im_end|>"]
+
+
+def test_sft_mask_other_chatml_tokenizer(char_tok, tmp_path):
+    convo = [{"role": "user", "content": "3+4=?"}, {"role": "assistant", "content": "答案是七。"},
+             {"role": "user", "content": "ok?"}, {"role": "assistant", "content": "Yes, 7."}]
+    item = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [{"conversations": convo}]), char_tok)[0]
+    text = char_tok.decode(item["input_ids"])
+    assert text.startswith("<|im_start|>system\nDefault.<|im_end|>\n")
+    # The "\n答" token overlaps the first answer, so it is supervised (the model must learn to emit "答").
+    assert supervised_runs(char_tok, item["input_ids"], item["labels"]) == ["\n答案是七。<|im_end|>",
+                                                                           "Yes, 7.<|im_end|>"]
+
+
+def test_sft_truncation(tok, tmp_path):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": CHAT}])
+    full = SFTDataset(path, tok)[0]
+    n = len(full["input_ids"])
+    # Cut off the last "<|im_end|>\n": the kept answer stays supervised, the labels are the full ones' prefix.
+    cut = n - 2
+    part = SFTDataset(path, tok, max_length=cut)[0]
+    assert len(part["input_ids"]) == cut
+    assert torch.equal(part["labels"], full["labels"][:cut])
+    assert supervised_runs(tok, part["input_ids"], part["labels"]) == ["3+4=7。<|im_end|>", "Seven."]
+    # Cut before any answer: every label is -100 (allowed; the loss code guards an empty mask).
+    first_answer = int((full["labels"] != -100).nonzero()[0])
+    early = SFTDataset(path, tok, max_length=first_answer)[0]
+    assert len(early["input_ids"]) == first_answer and bool((early["labels"] == -100).all())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pretrain, DPO, RLAIF and collate
+
+def test_pretrain_bos_eos_truncation_and_collate(tok, tmp_path):
+    path = write_jsonl(tmp_path / "pre.jsonl", [{"text": "你好"}, "", {"text": "Hello world, 3 plus 4 equals 7."}])
+    ds = PretrainDataset(path, tok, max_length=8)
+    assert len(ds) == 2  # blank line skipped
+    short, long = ds[0], ds[1]
+    assert short["input_ids"].tolist() == [1] + tok.encode("你好") + [2]
+    assert torch.equal(short["labels"], short["input_ids"])
+    # Truncation keeps the first max_length tokens (BOS first, EOS dropped).
+    full_long = [1] + tok.encode("Hello world, 3 plus 4 equals 7.") + [2]
+    assert long["input_ids"].tolist() == full_long[:8]
+    batch = collate_lm([short, long])
+    n = len(short["input_ids"])
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["input_ids"][0, n:].tolist() == [0] * (8 - n)
+    assert batch["labels"][0, n:].tolist() == [-100] * (8 - n)
+    assert batch["labels"][0, :n].tolist() == short["input_ids"].tolist()
+
+
+def test_dpo_collate_layout(tok, tmp_path):
+    def pair(q, good, bad):
+        user = {"role": "user", "content": q}
+        return {"chosen": [user, {"role": "assistant", "content": good}],
+                "rejected": [user, {"role": "assistant", "content": bad}]}
+
+    path = write_jsonl(tmp_path / "dpo.jsonl", [pair("1+1=?", "2", "3"), pair("2+2=?", "2+2=4, a longer answer", "5")])
+    ds = DPODataset(path, tok)
+    items = [ds[0], ds[1]]
+    batch = collate_dpo(items)
+    assert batch["input_ids"].shape[0] == 4
+    for row, (k, side) in enumerate([(0, "chosen"), (1, "chosen"), (0, "rejected"), (1, "rejected")]):
+        ids = items[k][f"{side}_input_ids"]
+        assert batch["input_ids"][row, :len(ids)].tolist() == ids.tolist()
+        assert bool((batch["input_ids"][row, len(ids):] == 0).all())
+        assert bool((batch["labels"][row, len(ids):] == -100).all())
+    runs = [supervised_runs(tok, batch["input_ids"][r], batch["labels"][r]) for r in range(4)]
+    assert runs == [["2<|im_end|>"], ["2+2=4, a longer answer<|im_end|>"], ["3<|im_end|>"], ["5<|im_end|>"]]
+
+
+def test_rlaif_prompt_answer_uses_real_roles(tok, tmp_path):
+    convo = [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "3+4=?"},
+             {"role": "assistant", "content": "7"}]
+    ds = RLAIFDataset(write_jsonl(tmp_path / "rl.jsonl", [{"conversations": convo}]), tok)
+    item = ds[0]
+    assert item == {"prompt": "<|im_start|>system\nAnswer with a number.<|im_end|>\n<|im_start|>user\n3+4=?<|im_end|>\n"
+                              "<|im_start|>assistant\n", "answer": "7"}
+    assert collate_rl([item, item]) == {"prompt": [item["prompt"]] * 2, "answer": ["7", "7"]}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Errors
+
+@pytest.mark.parametrize("cls,line,message", [
+    (PretrainDataset, '{"text": "ok"', "not valid JSON"),
+    (PretrainDataset, '{"txt": "ok"}', 'no string field "text"'),
+    (SFTDataset, '{"conversations": []}', "empty"),
+    (SFTDataset, '{"conversations": [{"role": "robot", "content": "hi"}]}', "role 'robot'"),
+    (SFTDataset, '{"conversations": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
+    (SFTDataset, '{"conversations": [{"role": "user"}, {"role": "assistant", "content": "x"}]}', 'no "content"'),
+    (DPODataset, '{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
+                 '"rejected": []}', '"rejected" is missing, empty'),
+    (RLAIFDataset, '{"conversations": [{"role": "assistant", "content": "7"}]}', "prompt message"),
+    (RLAIFDataset, '[1, 2]', "not an object"),
+])
+def test_malformed_line_names_file_and_line(tok, tmp_path, cls, line, message):
+    good = {"text": "fine", "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, "", line])
+    ds = cls(path, tok)
+    ds[0]
+    with pytest.raises(DataFormatError) as e:
+        ds[1]
+    assert str(e.value).startswith(f"{path}:3: ")
+    assert message in str(e.value) and "expected" in str(e.value)
+
+
+def test_missing_file_says_where_data_comes_from(tok, tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        SFTDataset(tmp_path / "sft_512.jsonl", tok)
+    assert "sft_512.jsonl" in str(e.value) and "dataset/demo" in str(e.value) and "ModelScope" in str(e.value)
+
+
+def test_dataset_pickles_for_workers(tok):
+    ds = SFTDataset(DEMO / "sft.jsonl", tok)
+    first = ds[0]
+    clone = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(clone[0]["input_ids"], first["input_ids"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Demo data
+
+DEMO_SETS = [("pretrain.jsonl", PretrainDataset), ("sft.jsonl", SFTDataset), ("dpo.jsonl", DPODataset),
+             ("reason.jsonl", SFTDataset), ("rlaif.jsonl", RLAIFDataset), ("lora_identity.jsonl", SFTDataset)]
+
+
+@pytest.mark.parametrize("name,cls", DEMO_SETS)
+def test_demo_files_parse(tok, name, cls):
+    ds = cls(DEMO / name, tok)
+    assert len(ds) >= 100
+    for i in range(len(ds)):
+        item = ds[i]
+        if "labels" in item:
+            assert bool((item["labels"] != -100).any())
+
+
+def test_demo_reason_and_rlaif_are_checkable(tok):
+    fmt = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.S)
+    for line in (DEMO / "reason.jsonl").read_text(encoding="utf-8").splitlines():
+        answer = json.loads(line)["conversations"][-1]["content"]
+        assert fmt.match(answer), answer
+    ds = RLAIFDataset(DEMO / "rlaif.jsonl", tok)
+    for i in range(len(ds)):
+        item = ds[i]
+        a, b = map(int, re.findall(r"\d+", item["prompt"].rsplit("<|im_start|>user\n", 1)[1])[:2])
+        assert item["answer"] == str(a + b)
+
+
+def test_demo_generator_is_deterministic(tmp_path):
+    subprocess.run([sys.executable, str(DEMO / "make_demo.py"), "--out_dir", str(tmp_path)], check=True,
+                   capture_output=True)
+    for name, _ in DEMO_SETS:
+        assert (tmp_path / name).read_bytes() == (DEMO / name).read_bytes(), name
+    assert sum((DEMO / name).stat().st_size for name, _ in DEMO_SETS) < 2_000_000
