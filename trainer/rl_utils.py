@@ -1,0 +1,594 @@
+"""What the RL stages (train_ppo.py, train_grpo.py, train_spo.py) share: prompts, rollouts, log-probs, rewards.
+
+    from trainer.rl_utils import RewardScorer, completion_logprobs, k3_kl, masked_mean, rollout
+    ro = rollout(loop.raw_model, tokenizer, batch["prompt"], num_return_sequences=8, max_new_tokens=128,
+                 max_prompt_len=66)
+    rewards, reward_metrics = scorer(ro.prompts, ro.completions, answers)      # before any policy forward
+    with ctx.autocast():
+        logp, aux = completion_logprobs(loop.model, ro)                         # policy, with grad
+        with torch.no_grad():
+            ref_logp, _ = completion_logprobs(ref_model, ro)                    # same precision as the policy
+
+Conventions every RL script relies on:
+- Prompts are left-padded (so all completions start at column P) and never lose their chat markup: a prompt longer
+  than max_prompt_len loses the middle of its last message (see `encode_prompts`), unlike the reference, which cut
+  the first tokens away (system/user header included; reference §7 item 30).
+- Log-probs are computed with the rollout's attention mask; the model derives each row's positions from it, so a
+  left-padded row scores exactly as it would alone (tested). Policy, old policy and reference all go through
+  `completion_logprobs` under the caller's autocast: equal weights give equal log-probs (ratio 1, KL 0), unlike the
+  reference's bf16-vs-fp32 mix (§7 item 28). The log-softmax runs in fp32, chunked, without keeping an fp32 copy
+  of the logits for backward (`selected_logprobs`).
+- Rewards (`RewardScorer`) are computed right after the rollout, before the policy forward, so a reward model's
+  memory peak never overlaps the policy's activations.
+
+Test: python -m pytest tests/test_rl_utils.py -q
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from trainer.trainer_utils import Logger, UserError, root_path, str2bool_int, unwrap, user_path
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+# The reference's default (../../internlm2-1_8b-reward from trainer/), written relative to the repo root.
+DEFAULT_REWARD_MODEL_PATH = "../internlm2-1_8b-reward"
+RM_CLIP = 3.0  # reward-model scores are clipped to [-3, 3]
+FORMAT_REWARD, TAG_REWARD = 0.5, 0.25
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags shared by the RL scripts
+
+def add_rl_args(parser: argparse.ArgumentParser, *, beta: float = 0.02, max_gen_len: int = 1536,
+                reasoning: int = 1) -> argparse.ArgumentParser:
+    """--beta --max_gen_len --reasoning --reward_model_path --answer_reward --temperature (reference §1.0)."""
+    parser.add_argument("--beta", type=float, default=beta,
+                        help="KL 惩罚系数 / weight of the k3 KL to the frozen reference policy (MiniMind 0.02; "
+                             "the GRPO paper used 0.04)")
+    parser.add_argument("--max_gen_len", type=int, default=max_gen_len,
+                        help="生成的最大长度 / max new tokens per completion (--max_seq_len is the prompt length)")
+    parser.add_argument("--reasoning", type=str2bool_int, default=reasoning, choices=[0, 1],
+                        help="推理模型: 从 reason 权重开始并加 <think>/<answer> 格式奖励 / start from `reason` "
+                             "weights and add the format/tag rewards; 0: start from full_sft, no format reward")
+    parser.add_argument("--reward_model_path", type=str, default=DEFAULT_REWARD_MODEL_PATH,
+                        help="奖励模型本地目录 / local dir of a reward model: an HF sequence classifier or an "
+                             "InternLM-style model with get_score (e.g. internlm2-1_8b-reward); 'none' = rule-based "
+                             "rewards only (also the automatic fallback when the default path does not exist)")
+    parser.add_argument("--answer_reward", type=float, default=1.0,
+                        help="可验证答案奖励权重 / weight of the rule-based reward for prompts whose reference answer "
+                             "is a number (the demo arithmetic prompts): +w if the final answer equals it; 0 = off")
+    parser.add_argument("--temperature", type=float, default=0.8, help="采样温度 / sampling temperature")
+    return parser
+
+
+def rl_from_weight(args) -> str:
+    """The policy/reference init weight: --from_weight, or (reference rule) `reason` with --reasoning 1, else
+    `full_sft`."""
+    fw = getattr(args, "from_weight", "auto")
+    if fw in (None, "auto"):
+        return "reason" if getattr(args, "reasoning", 0) else "full_sft"
+    return fw
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen reference policy: eval mode, no grads, never wrapped in DDP. Make it before TrainLoop loads a
+    resume file, so the reference stays the initial weights."""
+    ref = copy.deepcopy(unwrap(model))
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts and rollouts
+
+def _split_last_message(prompt: str):
+    """(head, content, tail) around the content of the last message before the generation prompt, or None."""
+    gen = prompt.rfind(IM_START)
+    last = prompt.rfind(IM_START, 0, gen) if gen > 0 else -1
+    if last < 0:
+        return None
+    header_end = prompt.find("\n", last)
+    if header_end < 0 or header_end >= gen:
+        return None
+    start = header_end + 1
+    end = prompt.rfind(IM_END, start, gen)
+    if end < 0:
+        return None
+    return prompt[:start], prompt[start:end], prompt[end:]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def fit_prompt(tokenizer, prompt: str, max_len: int) -> tuple[list[int], bool]:
+    """Token ids of a rendered chat prompt, at most max_len of them, with the chat markup intact.
+
+    A longer prompt loses the middle of its last message's content (the head of the question and its end stay),
+    so the system/user headers and the closing "<|im_end|>\\n<|im_start|>assistant\\n" survive. If even the
+    markup plus earlier turns do not fit, the first header line and the last tokens are kept (the middle of the
+    conversation goes). Returns (ids, shortened).
+    """
+    ids = _ids(tokenizer, prompt)
+    if len(ids) <= max_len:
+        return ids, False
+    parts = _split_last_message(prompt)
+    if parts is not None:
+        head, content, tail = (_ids(tokenizer, p) for p in parts)
+        budget = max_len - len(head) - len(tail)
+        if budget > 0:
+            front = (budget + 1) // 2
+            return head + content[:front] + content[len(content) - (budget - front):] + tail, True
+    first = prompt.find(IM_START)
+    header = _ids(tokenizer, prompt[:prompt.find("\n", first) + 1]) if first >= 0 else []
+    if len(header) >= max_len:
+        header = []
+    return header + ids[len(ids) - (max_len - len(header)):], True
+
+
+_warned_truncation = False
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int, device) -> dict:
+    """Left-padded prompt batch: dict(input_ids [B, P], attention_mask [B, P], num_shortened). See fit_prompt."""
+    global _warned_truncation
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows, shortened = [], 0
+    for p in prompts:
+        ids, cut = fit_prompt(tokenizer, p, max_prompt_len)
+        rows.append(ids)
+        shortened += cut
+    if shortened and not _warned_truncation:
+        Logger(f"note: {shortened} prompt(s) longer than --max_seq_len {max_prompt_len} tokens were shortened by "
+               "dropping the middle of their last message (chat markup kept); raise --max_seq_len to avoid it")
+        _warned_truncation = True
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        attention_mask[i, width - len(r):] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "num_shortened": shortened}
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor        # [N, P+R] left-padded prompt + completion (completion right-padded with pad id)
+    attention_mask: torch.Tensor   # [N, P+R] 1 on real prompt tokens and on completion tokens up to and incl. EOS
+    prompt_len: int                # P (width of the padded prompt block)
+    completion_ids: torch.Tensor   # [N, R]
+    completion_mask: torch.Tensor  # [N, R] float, 1 up to and including the first EOS (all R if no EOS)
+    completions: list[str]         # decoded completions (skip_special_tokens=True)
+    prompts: list[str]             # the prompt string of each row (repeated num_return_sequences times)
+
+    @property
+    def num_tokens(self) -> int:
+        """Generated tokens that count (up to and including EOS)."""
+        return int(self.completion_mask.sum().item())
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1.0 up to and including the first EOS of each row; the whole row when it has no EOS."""
+    R = completion_ids.shape[1]
+    is_eos = completion_ids == eos_id
+    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full_like(is_eos[:, 0], R - 1,
+                                                                                         dtype=torch.long))
+    return (torch.arange(R, device=completion_ids.device)[None] <= first[:, None]).float()
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: list[str], *, num_return_sequences: int = 1, max_new_tokens: int = 256,
+            max_prompt_len: int = 512, temperature: float = 0.8, top_p: float = 1.0, top_k: int = 0) -> Rollout:
+    """Sample completions with HF generate on the plain module (eval mode, train mode restored afterwards).
+
+    Rows are grouped by prompt: rows i*n .. i*n+n-1 belong to prompts[i] (n = num_return_sequences). Call it under
+    ctx.autocast() for speed; the log-probs that train are recomputed by `completion_logprobs` anyway.
+    temperature 0 means greedy decoding.
+    """
+    model = unwrap(model)
+    device = next(model.parameters()).device
+    enc = encode_prompts(tokenizer, prompts, max_prompt_len, device)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sample = temperature > 0
+    gen_kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if sample else \
+        dict(do_sample=False)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                             max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+                             pad_token_id=pad, eos_token_id=eos, use_cache=True, **gen_kw)
+    finally:
+        model.train(was_training)
+    P = enc["input_ids"].shape[1]
+    completion_ids = out[:, P:]
+    completion_mask = completion_mask_from_ids(completion_ids, eos)
+    prompt_mask = enc["attention_mask"].repeat_interleave(num_return_sequences, dim=0)
+    lengths = completion_mask.sum(dim=1).long().tolist()
+    completions = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+                   for row, n in zip(completion_ids, lengths)]
+    return Rollout(input_ids=out, attention_mask=torch.cat([prompt_mask, completion_mask.long()], dim=1),
+                   prompt_len=P, completion_ids=completion_ids, completion_mask=completion_mask,
+                   completions=completions, prompts=[p for p in prompts for _ in range(num_return_sequences)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probs
+
+class _SelectedLogProb(torch.autograd.Function):
+    """log_softmax(logits)[target] in fp32, row-chunked; backward recomputes the softmax chunk by chunk.
+
+    Saves only the logits (in their own dtype) and one fp32 logsumexp per row, so bf16 logits never get a full fp32
+    twin kept alive for backward, which log_softmax(logits.float()) + gather would do.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, chunk_rows):
+        V = logits.shape[-1]
+        flat, t = logits.reshape(-1, V), targets.reshape(-1)
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        lse = torch.empty(t.shape, dtype=acc, device=logits.device)
+        out = torch.empty(t.shape, dtype=acc, device=logits.device)
+        for s in range(0, flat.shape[0], chunk_rows):
+            x = flat[s:s + chunk_rows].to(acc)
+            lse[s:s + chunk_rows] = torch.logsumexp(x, dim=-1)
+            out[s:s + chunk_rows] = x.gather(-1, t[s:s + chunk_rows, None]).squeeze(-1) - lse[s:s + chunk_rows]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.chunk_rows = chunk_rows
+        return out.view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, lse = ctx.saved_tensors
+        V = logits.shape[-1]
+        flat, t, g = logits.reshape(-1, V), targets.reshape(-1), grad_out.reshape(-1).to(lse.dtype)
+        grad = torch.empty_like(flat)
+        for s in range(0, flat.shape[0], ctx.chunk_rows):
+            e = s + ctx.chunk_rows
+            # d logp_t / d logits = onehot(t) - softmax(logits)
+            p = torch.exp(flat[s:e].to(lse.dtype) - lse[s:e, None]).mul_(-g[s:e, None])
+            p.scatter_add_(-1, t[s:e, None], g[s:e, None])
+            grad[s:e] = p.to(grad.dtype)
+        return grad.view_as(logits), None, None
+
+
+def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
+    """[..., V] logits, [...] target ids -> [...] fp32 log-probs of the targets (differentiable)."""
+    if chunk_rows is None:
+        chunk_rows = max(1, (1 << 25) // logits.shape[-1])  # ~128 MB of fp32 per chunk
+    return _SelectedLogProb.apply(logits, targets, chunk_rows)
+
+
+def completion_logprobs(model, rollout_or_ids, attention_mask: torch.Tensor | None = None,
+                        prompt_len: int | None = None):
+    """(logps [N, R] fp32, aux_loss) of the completion tokens under `model`, from one forward.
+
+    The attention mask is passed (left padding and post-EOS pads are not attended; positions come from it) and
+    only the R logit rows that predict completion tokens are computed. Call it under the caller's ctx.autocast()
+    for policy, old policy and reference alike, and under torch.no_grad() for the frozen ones. aux_loss is the MoE
+    load-balancing loss of this same forward (0 for dense models and in eval mode).
+    """
+    if isinstance(rollout_or_ids, Rollout):
+        ids, attention_mask, P = rollout_or_ids.input_ids, rollout_or_ids.attention_mask, rollout_or_ids.prompt_len
+    else:
+        ids, P = rollout_or_ids, prompt_len
+        if attention_mask is None or P is None:
+            raise ValueError("completion_logprobs(ids, attention_mask, prompt_len): both are needed with raw ids")
+    R = ids.shape[1] - P
+    if P < 1 or R < 1:
+        raise ValueError(f"need a non-empty prompt and completion, got prompt_len {P}, completion length {R}")
+    out = model(ids, attention_mask=attention_mask, logits_to_keep=slice(P - 1, P - 1 + R))
+    return selected_logprobs(out.logits, ids[:, P:]), out.aux_loss
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """sum(x*mask)/max(sum(mask), 1): an all-masked row gives 0, never NaN."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim=dim) / mask.sum(dim=dim).clamp(min=1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || ref) on samples from pi: exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def policy_kl_loss(logps: torch.Tensor, ref_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                   beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-update policy-gradient loss with a k3 KL penalty (GRPO's objective; SPO uses it too).
+
+    Per token: -(exp(logp - sg(logp)) * A - beta * k3). The ratio is exactly 1 in value and its gradient is
+    A * grad(logp), i.e. REINFORCE with a sequence-level advantage. Aggregation: masked mean over each completion's
+    tokens, then the mean over sequences (every completion weighs the same, whatever its length).
+    Returns (loss, kl) with kl the per-sequence masked mean k3 averaged over the batch (detached).
+    """
+    ratio = torch.exp(logps - logps.detach())
+    kl = k3_kl(logps, ref_logps)
+    per_token = -(ratio * advantages[:, None] - beta * kl)
+    loss = masked_mean(per_token, mask, dim=1).mean()
+    return loss, masked_mean(kl.detach(), mask, dim=1).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rewards
+
+THINK_ANSWER = re.compile(r"^<think>\n.*?\n</think>\n\n?<answer>\n.*?\n</answer>$", re.S)
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.S)
+CHAT_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>", re.S)
+
+
+def format_reward(text: str) -> float:
+    """Reference §1.11: +0.5 if the whole text is <think>\\n...\\n</think>\\n(\\n)<answer>\\n...\\n</answer>, plus
+    +0.25 for each of the four tags that occurs exactly once (max 1.5)."""
+    r = FORMAT_REWARD if THINK_ANSWER.match(text) else 0.0
+    return r + TAG_REWARD * sum(text.count(tag) == 1 for tag in TAGS)
+
+
+def parse_number(s: str) -> float | None:
+    """The reference answer as a number if it is one (e.g. "7", "-2.5", "1,024"), else None (not checkable)."""
+    s = (s or "").strip().replace(",", "")
+    return float(s) if NUMBER.fullmatch(s) else None
+
+
+def final_answer(text: str) -> float | None:
+    """The completion's final answer: the last number inside the last <answer>...</answer> block if there is one,
+    else the last number anywhere in the text ("5+4=9." -> 9)."""
+    blocks = ANSWER_BLOCK.findall(text)
+    nums = NUMBER.findall((blocks[-1] if blocks else text).replace(",", ""))
+    return float(nums[-1]) if nums else None
+
+
+def answer_reward(completion: str, answer: str) -> float | None:
+    """1.0 / 0.0 when the reference answer is a number and the final answer equals / differs; None if the
+    reference answer is not a number (nothing to check)."""
+    target = parse_number(answer)
+    if target is None:
+        return None
+    got = final_answer(completion)
+    return float(got is not None and abs(got - target) <= 1e-6 * max(1.0, abs(target)))
+
+
+def prompt_messages(prompt: str) -> list[dict]:
+    """The chat messages of a rendered ChatML prompt (the generation prompt itself is not a message)."""
+    return [{"role": role, "content": content} for role, content in CHAT_TURN.findall(prompt)]
+
+
+def resolve_reward_model_path(value: str | None) -> tuple[str | None, bool]:
+    """(absolute path or None for 'none', is_default). The default resolves against the repo root, a path the user
+    typed against the current directory (the same rule as every other path flag)."""
+    if value is None or str(value).strip().lower() in ("", "none"):
+        return None, False
+    if value == DEFAULT_REWARD_MODEL_PATH:
+        return os.path.normpath(root_path(value)), True
+    return user_path(value), False
+
+
+def _rank0_first(fn):
+    """Run fn on rank 0 first, then on the others (remote-code module caches are written once, not raced)."""
+    if not dist.is_initialized():
+        return fn()
+    if dist.get_rank() == 0:
+        result = fn()
+        dist.barrier()
+    else:
+        dist.barrier()
+        result = fn()
+    return result
+
+
+class RewardScorer:
+    """rewards for a batch of completions: format/tag rewards (--reasoning 1), a rule-based checkable reward when the
+    dataset answer is checkable (the demo arithmetic prompts: answer string is a number), and a reward model from
+    --reward_model_path (HF AutoModelForSequenceClassification, or an InternLM-style model exposing get_score),
+    loaded lazily from a local directory after the rollouts; no reward model -> fine (stated once in the log).
+
+    Total reward = format/tag (0..1.5, --reasoning 1) + answer_reward * [final answer == reference number]
+                   + reward-model score clipped to [-3, 3].
+    With --reasoning 1 and an <answer> block, the reward-model score is 0.4 * score(full reply) + 0.6 *
+    score(answer only), as in the reference. `reward_range` gives the bounds of the total (used by SPO).
+    `reward_model=` accepts an already built object exposing get_score(tokenizer, chat) (tests, custom scorers).
+    """
+
+    def __init__(self, args, tokenizer, device, reward_model=None, reward_tokenizer=None):
+        self.tokenizer, self.device = tokenizer, torch.device(device)
+        self.reasoning = bool(getattr(args, "reasoning", 0))
+        self.answer_weight = float(getattr(args, "answer_reward", 1.0))
+        if self.answer_weight < 0:
+            raise UserError(f"--answer_reward {self.answer_weight} must be >= 0 (0 turns the answer check off)")
+        self.rm, self.rm_tokenizer, self.rm_kind, self.rm_path = None, reward_tokenizer, None, None
+        if reward_model is not None:
+            if not hasattr(reward_model, "get_score"):
+                raise TypeError("reward_model must expose get_score(tokenizer, chat) -> float")
+            self.rm, self.rm_kind = reward_model, "get_score"
+            source = f"reward model object {type(reward_model).__name__}"
+        else:
+            path, is_default = resolve_reward_model_path(getattr(args, "reward_model_path", None))
+            if path is not None and not os.path.isdir(path):
+                if not is_default:
+                    raise UserError(f"--reward_model_path {path} does not exist; pass a local reward model "
+                                    "directory (e.g. a clone of internlm/internlm2-1_8b-reward or an HF sequence "
+                                    "classifier), or --reward_model_path none for rule-based rewards only")
+                Logger(f"note: no reward model at the default --reward_model_path {path}; "
+                       "training with rule-based rewards only")
+                path = None
+            self.rm_path = path
+            source = f"reward model {path} (loaded after the first rollout)" if path else "no reward model"
+        parts = (["format/tag (--reasoning 1)"] if self.reasoning else []) + \
+            ([f"checkable answer x{self.answer_weight:g}"] if self.answer_weight > 0 else [])
+        has_rm = self.rm is not None or self.rm_path is not None
+        if not parts and not has_rm:
+            raise UserError("no reward source: --reasoning 0, --answer_reward 0 and no reward model; enable one")
+        Logger("rewards: " + ", ".join(parts + [source]))
+        lo = -RM_CLIP if has_rm else 0.0
+        hi = (RM_CLIP if has_rm else 0.0) + (FORMAT_REWARD + TAG_REWARD * len(TAGS) if self.reasoning else 0.0) \
+            + self.answer_weight
+        self.reward_range = (lo, hi)
+
+    @property
+    def has_reward_model(self) -> bool:
+        return self.rm is not None or self.rm_path is not None
+
+    # -- reward model
+    def _load(self) -> None:
+        path = self.rm_path
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise UserError(f"--reward_model_path {path} has no config.json; expected a local Hugging Face model "
+                            "directory")
+        with open(cfg_file, encoding="utf-8") as f:
+            cfg = json.load(f)
+        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+        dev = self.device
+        dtype = torch.float32 if dev.type != "cuda" else \
+            (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        classifier = any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or [])
+
+        def load():
+            if classifier:
+                m = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, local_files_only=True)
+            else:
+                m = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=True, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=not classifier, local_files_only=True)
+            return m, tok
+
+        model, tok = _rank0_first(load)
+        if not classifier and not hasattr(model, "get_score"):
+            raise UserError(f"reward model {path} ({cfg.get('architectures')}) is neither a sequence classifier nor "
+                            "exposes get_score(tokenizer, chat)")
+        if classifier:
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = tok.pad_token_id
+            tok.padding_side, tok.truncation_side = "right", "left"  # keep the reply's end, which is scored
+        model.to(dev).eval().requires_grad_(False)
+        self.rm, self.rm_tokenizer, self.rm_kind = model, tok, "classifier" if classifier else "get_score"
+        Logger(f"loaded reward model {path} ({'sequence classifier' if classifier else 'get_score'}, {dtype})")
+
+    def _render(self, chat: list[dict]) -> str:
+        tok = self.rm_tokenizer
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(chat, tokenize=False)
+        return "\n".join(f"{m['role']}: {m['content']}" for m in chat)
+
+    @torch.no_grad()
+    def _score_chats(self, chats: list[list[dict]]) -> list[float]:
+        if self.rm_kind == "get_score":
+            tok = self.rm_tokenizer if self.rm_tokenizer is not None else self.tokenizer
+            return [float(self.rm.get_score(tok, chat)) for chat in chats]
+        tok, scores = self.rm_tokenizer, []
+        limit = min(tok.model_max_length, getattr(self.rm.config, "max_position_embeddings", 4096) or 4096, 8192)
+        n_labels = self.rm.config.num_labels
+        if n_labels not in (1, 2):
+            raise UserError(f"reward classifier {self.rm_path} has {n_labels} labels; expected 1 (a score) or 2 "
+                            "(bad/good: the score is logit[1] - logit[0])")
+        for s in range(0, len(chats), 8):
+            enc = tok([self._render(c) for c in chats[s:s + 8]], return_tensors="pt", padding=True,
+                      truncation=True, max_length=limit, add_special_tokens=False).to(self.device)
+            logits = self.rm(**enc).logits.float()
+            scores += (logits[:, 0] if n_labels == 1 else logits[:, 1] - logits[:, 0]).tolist()
+        return scores
+
+    def model_scores(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        if self.rm is None:
+            self._load()
+        chats = [prompt_messages(p) + [{"role": "assistant", "content": c}] for p, c in zip(prompts, completions)]
+        full = torch.tensor(self._score_chats(chats), dtype=torch.float32).clamp(-RM_CLIP, RM_CLIP)
+        if not self.reasoning:
+            return full
+        answer_rows = [(i, ANSWER_BLOCK.findall(c)) for i, c in enumerate(completions)]
+        answer_rows = [(i, blocks[-1].strip()) for i, blocks in answer_rows if blocks]
+        if answer_rows:
+            sub = [prompt_messages(prompts[i]) + [{"role": "assistant", "content": a}] for i, a in answer_rows]
+            ans = torch.tensor(self._score_chats(sub), dtype=torch.float32).clamp(-RM_CLIP, RM_CLIP)
+            for (i, _), a in zip(answer_rows, ans):
+                full[i] = 0.4 * full[i] + 0.6 * a
+        return full
+
+    # -- all rewards
+    def __call__(self, prompts: list[str], completions: list[str], answers: list[str]):
+        n = len(completions)
+        total = torch.zeros(n, dtype=torch.float32)
+        metrics = {}
+        if self.reasoning:
+            fmt = torch.tensor([format_reward(c) for c in completions], dtype=torch.float32)
+            total += fmt
+            metrics["reward_format"] = fmt.mean().item()
+        if self.answer_weight > 0:
+            checks = [answer_reward(c, a) for c, a in zip(completions, answers)]
+            # rows without a numeric reference answer score 0 here (nothing to check)
+            acc = torch.tensor([c or 0.0 for c in checks], dtype=torch.float32)
+            total += self.answer_weight * acc
+            metrics["reward_answer"] = acc.mean().item()
+        if self.has_reward_model:
+            rm = self.model_scores(prompts, completions)
+            total += rm
+            metrics["reward_model"] = rm.mean().item()
+        return total.to(self.device), metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One RL micro-step up to the loss (GRPO and SPO share it; the advantage and its bookkeeping are theirs)
+
+@dataclass
+class RLBatch:
+    rollout: Rollout
+    rewards: torch.Tensor     # [N] on the device
+    reward_metrics: dict
+    logps: torch.Tensor       # [N, R] policy log-probs (with grad)
+    ref_logps: torch.Tensor   # [N, R] reference log-probs
+    aux_loss: torch.Tensor    # MoE load balancing of the policy forward
+
+
+def sample_score_logprobs(loop, ref_model, tokenizer, scorer: RewardScorer, batch: dict, args, ctx,
+                          num_return_sequences: int) -> RLBatch:
+    """Rollout from the current policy, rewards right away (before any policy forward), then one policy forward
+    (log-probs + aux) and one reference forward, both under ctx.autocast()."""
+    with ctx.autocast():
+        ro = rollout(loop.raw_model, tokenizer, batch["prompt"], num_return_sequences=num_return_sequences,
+                     max_new_tokens=args.max_gen_len, max_prompt_len=args.max_seq_len,
+                     temperature=args.temperature)
+    answers = [a for a in batch["answer"] for _ in range(num_return_sequences)]
+    rewards, reward_metrics = scorer(ro.prompts, ro.completions, answers)
+    with ctx.autocast():
+        logps, aux = completion_logprobs(loop.model, ro)
+        with torch.no_grad():
+            ref_logps, _ = completion_logprobs(ref_model, ro)
+    return RLBatch(ro, rewards, reward_metrics, logps, ref_logps, aux)
+
+
+def rl_metrics(b: RLBatch, advantages: torch.Tensor, policy_loss: torch.Tensor, kl: torch.Tensor) -> dict:
+    """The metrics every RL stage logs (the loop adds lr and tokens/s)."""
+    n = b.rewards.numel()
+    return dict(reward=b.rewards.mean(), reward_std=b.rewards.std(unbiased=False) if n > 1 else 0.0, kl=kl,
+                advantage_mean=advantages.mean(), advantage_std=advantages.std(unbiased=False) if n > 1 else 0.0,
+                completion_len=b.rollout.completion_mask.sum(dim=1).mean(), policy_loss=policy_loss.detach(),
+                aux_loss=b.aux_loss.detach(), **b.reward_metrics)
+
+
+def check_rl_args(args) -> None:
+    """Flag values that cannot work, caught before any model is built."""
+    if args.max_gen_len < 1:
+        raise UserError(f"--max_gen_len {args.max_gen_len} must be >= 1")
+    if args.max_seq_len < 8:
+        raise UserError(f"--max_seq_len {args.max_seq_len} is the prompt length in RL stages; use >= 8 so the chat "
+                        "markup fits")
+    if args.temperature < 0 or not math.isfinite(args.temperature):
+        raise UserError(f"--temperature {args.temperature} must be >= 0 (0 = greedy)")
