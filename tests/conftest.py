@@ -1,0 +1,96 @@
+"""Shared test fixtures: run the real scripts as subprocesses on the demo data with a tiny model.
+
+    python -m pytest tests -q
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "dataset" / "demo"
+sys.path.insert(0, str(ROOT))
+
+# hidden 64, 2 layers: a model that trains at thousands of tokens/s on one CPU core
+TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--device", "cpu", "--num_workers", "0",
+        "--max_seq_len", "128"]
+
+
+def script_env(tmp: Path | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline", HF_HUB_DISABLE_PROGRESS_BARS="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", MINIMIND_DIST_TIMEOUT="60",
+               PYTHONUNBUFFERED="1")
+    if tmp is not None:
+        env["WANDB_DIR"] = str(tmp)
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def run_script(script: str, *args, tmp: Path, cwd: Path | None = None, timeout: int = 300, check: bool = True,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python <script> args...` (script relative to the repo root); output captured; fail loudly."""
+    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=cwd or ROOT, env=env or script_env(tmp), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_torchrun(script: str, *args, tmp: Path, nproc: int = 2, timeout: int = 240,
+                 cwd: Path | None = None) -> str:
+    """torchrun --nproc_per_node N with gloo on CPU; output goes to a file; hard timeout stops the agent."""
+    log = tmp / f"torchrun_{Path(script).stem}.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / script), *map(str, args)]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=script_env(tmp), stdout=f, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)  # torchrun's agent stops its workers
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise AssertionError(f"torchrun timed out after {timeout}s:\n{log.read_text()[-6000:]}")
+    out = log.read_text()
+    assert rc == 0, f"torchrun failed ({rc}):\n{out[-8000:]}"
+    return out
+
+
+def dirs(tmp: Path) -> list[str]:
+    """--save_dir/--checkpoint_dir inside the test's temp folder."""
+    return ["--save_dir", str(tmp / "out"), "--checkpoint_dir", str(tmp / "checkpoints")]
+
+
+def read_metrics(tmp: Path, weight: str, hidden: int = 64, moe: bool = False) -> list[dict]:
+    path = tmp / "checkpoints" / f"{weight}_{hidden}{'_moe' if moe else ''}_metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tmp_path_factory) -> Path:
+    """A tiny dense gated model pretrained then SFT'd on the demo data, once per session.
+    Returns a folder with out/pretrain_64.pth and out/full_sft_64.pth (+ sidecars). Copy it before writing."""
+    tmp = tmp_path_factory.mktemp("tiny_sft")
+    common = [*TINY, *dirs(tmp), "--log_interval", "10", "--batch_size", "16"]
+    run_script("trainer/train_pretrain.py", *common, "--data_path", DEMO / "pretrain.jsonl", "--max_steps", "60",
+               "--learning_rate", "3e-3", "--accumulation_steps", "1", tmp=tmp)
+    run_script("trainer/train_full_sft.py", *common, "--data_path", DEMO / "sft.jsonl", "--max_steps", "60",
+               "--learning_rate", "1e-3", tmp=tmp)
+    return tmp
+
+
+@pytest.fixture
+def sft_copy(tiny_sft, tmp_path) -> Path:
+    """A private copy of the session's tiny SFT folder (out/ only), so a test may write next to it."""
+    shutil.copytree(tiny_sft / "out", tmp_path / "out")
+    return tmp_path

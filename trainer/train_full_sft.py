@@ -1,0 +1,47 @@
+"""Full supervised fine-tuning: cross-entropy on assistant tokens only (plus the MoE load-balancing loss).
+
+    cd trainer && torchrun --nproc_per_node 2 train_full_sft.py --hidden_size 640 --num_hidden_layers 12 \
+        --use_moe 1 --headwise_attn_output_gate 1 --data_path ../dataset/sft_512.jsonl --use_wandb
+    python trainer/train_full_sft.py --data_path dataset/demo/sft.jsonl --hidden_size 64 --num_hidden_layers 2
+
+Data: JSONL lines {"conversations": [{"role": "system|user|assistant|tool", "content": "..."}, ...]} (MiniMind's
+sft_*.jsonl); the loss covers each assistant turn's content and its <|im_end|>. Starts from out/pretrain_*.pth and
+writes out/full_sft_{hidden}{_moe}.pth (+ .json) and checkpoints/full_sft_{hidden}{_moe}_resume.pth.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataset.lm_dataset import SFTDataset, collate_lm
+from trainer.trainer_utils import (TrainLoop, build_optimizer, build_parser, init_model, init_run,
+                                   model_config_from_args, parse_args, run_main)
+
+
+def main():
+    parser = build_parser("MiniMind Full SFT", save_weight="full_sft", epochs=2, batch_size=16,
+                          learning_rate=1e-6, accumulation_steps=1, log_interval=100, save_interval=1000,
+                          max_seq_len=340, data_path="dataset/sft_mini_512.jsonl", from_weight="pretrain",
+                          wandb_project="MiniMind-Full-SFT")
+    args = parse_args(parser)
+    ctx = init_run(args)
+
+    # ---------------------------------------------------------------- model and data
+    config = model_config_from_args(args)
+    model, tokenizer = init_model(config, args.from_weight, args.tokenizer_path, args.save_dir, ctx.device)
+    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
+    loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_lm,
+                     config=config, stage="Full-SFT", tokenizer=tokenizer)
+
+    # ---------------------------------------------------------------- train
+    for batch in loop:
+        with ctx.autocast():
+            out = loop.model(batch["input_ids"], labels=batch["labels"])
+            loss = out.loss + out.aux_loss
+        loop.backward(loss, logits_loss=out.loss, aux_loss=out.aux_loss)
+    loop.finish()
+
+
+if __name__ == "__main__":
+    run_main(main)
