@@ -21,8 +21,8 @@ DEMO = ROOT / "dataset" / "demo"
 STAGES = {
     "pretrain": ("trainer/train_pretrain.py", ["--data_path", DEMO / "pretrain.jsonl", "--epochs", "1",
                                                "--batch_size", "16", "--learning_rate", "2e-3",
-                                               "--accumulation_steps", "1"]),
-    "full_sft": ("trainer/train_full_sft.py", ["--data_path", DEMO / "sft.jsonl", "--epochs", "2",
+                                               "--accumulation_steps", "1", "--max_steps", "200"]),
+    "full_sft": ("trainer/train_full_sft.py", ["--data_path", DEMO / "sft.jsonl", "--epochs", "1",
                                                "--batch_size", "16", "--learning_rate", "1e-3"]),
 }
 DEFAULT_STAGES = ["pretrain", "full_sft"]
