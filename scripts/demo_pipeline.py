@@ -24,6 +24,9 @@ STAGES = {
                                                "--accumulation_steps", "1", "--max_steps", "200"]),
     "full_sft": ("trainer/train_full_sft.py", ["--data_path", DEMO / "sft.jsonl", "--epochs", "1",
                                                "--batch_size", "16", "--learning_rate", "1e-3"]),
+    "ppo": ("trainer/train_ppo.py", ["--data_path", DEMO / "rlaif.jsonl", "--reasoning", "0", "--max_gen_len", "24",
+                                     "--batch_size", "4", "--max_steps", "20", "--learning_rate", "1e-5",
+                                     "--critic_learning_rate", "1e-4"]),
 }
 DEFAULT_STAGES = ["pretrain", "full_sft"]
 
