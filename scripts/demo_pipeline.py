@@ -64,7 +64,10 @@ def main():
         print(f"=== {stage} done in {time.time() - t0:.0f}s", flush=True)
 
     if not args.no_chat:
-        last = [s for s in stages if s in ("full_sft", "dpo", "reason", "grpo", "ppo_actor", "spo")]
+        # the chat uses the last chat-model stage's output weight (ppo saves ppo_actor, distill_reason reason)
+        outputs = {"full_sft": "full_sft", "dpo": "dpo", "distill_reason": "reason", "grpo": "grpo",
+                   "ppo": "ppo_actor", "spo": "spo"}
+        last = [outputs[s] for s in stages if s in outputs]
         weight = last[-1] if last else "full_sft"
         cmd = [sys.executable, str(ROOT / "eval_llm.py"), "--weight", weight, "--save_dir", args.save_dir,
                "--hidden_size", str(args.hidden_size), "--use_moe", str(args.use_moe), "--mode", "auto",

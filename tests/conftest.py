@@ -11,6 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tests run beside subprocess trainings on 2 cores: one intra-op thread avoids oversubscription (30x slowdowns seen).
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "dataset" / "demo"

@@ -765,7 +765,10 @@ class TrainLoop:
         now = time.time()
         remaining = self.total_steps - self.global_step
         eta_min = (now - self._t0) / max(self._steps_run, 1) * remaining / 60  # only steps run by this process
-        row.update(lr=next(iter(self.optimizers.values())).param_groups[0]["lr"], epoch=self.epoch + 1,
+        for name, opt in self.optimizers.items():
+            row[f"lr_{name}" if name else "lr"] = opt.param_groups[0]["lr"]
+        row.setdefault("lr", next(iter(self.optimizers.values())).param_groups[0]["lr"])
+        row.update(epoch=self.epoch + 1,
                    step=self.step, global_step=self.global_step, eta_min=eta_min,
                    tokens_per_s=vals[-1] * self.ctx.world_size / max(now - self._t_last, 1e-9))
         self._t_last = now
@@ -798,9 +801,9 @@ class TrainLoop:
     def finish(self) -> None:
         if self.ctx.ddp:
             self.check_replicas_in_sync()
+        Logger(f"done: {self.weights_path}")
         self.wandb.finish()
         cleanup_distributed()
-        Logger(f"done: {self.weights_path}")
 
     def check_replicas_in_sync(self) -> None:
         """DDP replicas must end bit-identical; a divergence (e.g. a rank-local update) is a bug worth stopping on."""
