@@ -124,7 +124,7 @@ def test_accumulation_matches_a_bigger_batch(tmp_path):
     big, _, _ = train_tiny(tmp_path / "a", "--batch_size", "4", "--accumulation_steps", "1", "--epochs", "2")
     small, _, _ = train_tiny(tmp_path / "b", "--batch_size", "2", "--accumulation_steps", "2", "--epochs", "2")
     for (name, a), b in zip(big.state_dict().items(), small.state_dict().values()):
-        assert torch.allclose(a, b, atol=2e-5), name
+        assert torch.allclose(a, b, atol=1e-4), name  # float noise ~2e-5; a misaligned window differs by ~0.08
 
 
 def test_epoch_tail_is_flushed_not_leaked(tmp_path):
