@@ -29,6 +29,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
 
 
+# MiniMind's YaRN settings for inference_rope_scaling (reference §5.5): 16x over 2048 trained positions
+YARN = dict(beta_fast=32, beta_slow=1, factor=16, original_max_position_embeddings=2048, attention_factor=1.0,
+            type="yarn")
+
+
 class MiniMindConfig(PretrainedConfig):
     """Fields and defaults of MiniMind (reference §5.1) plus `headwise_attn_output_gate`.
 
@@ -79,11 +84,7 @@ class MiniMindConfig(PretrainedConfig):
         if self.scoring_func != "softmax":
             raise ValueError(f"scoring_func {self.scoring_func!r} is not supported; expected 'softmax'")
         # PretrainedConfig.rope_scaling is a read-only view of rope_parameters in transformers 5
-        self.rope_parameters = (
-            dict(beta_fast=32, beta_slow=1, factor=16, original_max_position_embeddings=2048,
-                 attention_factor=1.0, type="yarn")
-            if self.inference_rope_scaling else None
-        )
+        self.rope_parameters = dict(YARN) if self.inference_rope_scaling else None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -108,7 +109,8 @@ def rope_inv_freq(config, device=None):
     theta = config.rope_theta
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device)[: dim // 2].float() / dim))
     attention_factor = 1.0
-    scaling = config.rope_scaling
+    # inference_rope_scaling is the switch (scripts may flip it on a loaded config); rope_scaling holds the numbers
+    scaling = (config.rope_scaling or YARN) if config.inference_rope_scaling else None
     if scaling is not None:
         orig = scaling["original_max_position_embeddings"]
         factor = scaling["factor"]
@@ -463,9 +465,10 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         if labels is not None:
             if kept.shape[1] != h.shape[1]:
                 raise ValueError("labels need the logits of every position; call with logits_to_keep=0")
-            targets = labels[:, 1:].reshape(-1)
+            # shift the labels, not the logits: slicing [B, T, V] logits would copy them
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
             token_loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100, reduction="sum"
+                logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100, reduction="sum"
             )
             # mean over supervised tokens; a batch without any stays finite (0) instead of NaN
             loss = token_loss / (targets != -100).sum().clamp(min=1)
@@ -481,6 +484,7 @@ def count_params(model):
     Active counts, for MoE, the shared part plus num_experts_per_tok routed experts per layer.
     """
     model = getattr(model, "module", model)  # DDP
+    model = getattr(model, "_orig_mod", model)  # torch.compile
     named = dict(model.named_parameters())
     total = sum(p.numel() for p in named.values())
     config = model.config

@@ -8,8 +8,9 @@ processes on a shared machine hits both alike. Per model:
                 /proc/self/clear_refs after malloc_trim) minus RSS before the step: activations, gradients and
                 optimizer temporaries as the OS sees them
   prefill ms    one no-grad forward over the whole batch with use_cache=True
-  decode tok/s  HF generate, greedy, KV cache, --decode_tokens new tokens per row: batch*(tokens-1) /
-                (time to generate all of them - time to generate 1)
+  decode tok/s  HF generate, greedy, KV cache, --decode_tokens new tokens per row after a seq_len prompt:
+                batch*(tokens-1) / time between the first and the last new token (a stopping criterion
+                stamps each step), i.e. pure decode steps including generate's own per-step work
 Mixed precision (--dtype bfloat16/float16) means fp32 weights under autocast, as the trainers run.
 With --use_moe 1 the Llama row stays dense (same hidden/layers/intermediate), i.e. it is the dense reference.
 
@@ -114,20 +115,29 @@ class Runner:
         with torch.no_grad(), self.amp():
             self.model(input_ids=self.ids, use_cache=True)
 
-    def generate(self, n):
+    def generate(self):
+        """Returns the seconds spent in decode steps (after the first new token), timed inside generate."""
         import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
+        class Clock(StoppingCriteria):
+            # generate calls this once per new token; never asks to stop
+            def __init__(self):
+                self.stamps = []
+
+            def __call__(self, input_ids, scores, **kwargs):
+                self.stamps.append(time.perf_counter())
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        clock = Clock()
         self.model.eval()
+        n = self.new_tokens
         with torch.no_grad(), self.amp():
             out = self.model.generate(self.ids, attention_mask=torch.ones_like(self.ids), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=2)
-        assert out.shape[1] == self.ids.shape[1] + n
-
-    def generate_one(self):
-        self.generate(1)
-
-    def generate_all(self):
-        self.generate(self.new_tokens)
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=2,
+                                      stopping_criteria=StoppingCriteriaList([clock]))
+        assert out.shape[1] == self.ids.shape[1] + n and len(clock.stamps) == n
+        return clock.stamps[-1] - clock.stamps[0]
 
 
 def run_all(args):
@@ -158,16 +168,16 @@ def run_all(args):
                 base = rss_bytes("VmRSS")
         sync()
         t0 = time.perf_counter()
-        fn()
+        inner = fn()
         sync()
-        elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0 if inner is None else inner
         peak = None
         if track_memory:
             peak = (torch.cuda.max_memory_allocated(device) if cuda else rss_bytes("VmHWM")) - base
         return elapsed, peak
 
     results = {name: dict(params=r.params) for name, r in runners.items()}
-    for workload in ["train_step", "prefill", "generate_one", "generate_all"]:
+    for workload in ["train_step", "prefill", "generate"]:
         times = {name: [] for name in runners}
         peaks = {name: [] for name in runners}
         for i in range(args.warmup + args.repeats):
@@ -183,9 +193,7 @@ def run_all(args):
     for r in results.values():
         r["train_tps"] = args.batch_size * args.seq_len / r["train_step"]
         r["prefill_ms"] = r["prefill"] * 1e3
-        # generating 1 token is prefill + generate's own overhead; the rest are pure decode steps
-        decode_s = max(r["generate_all"] - r["generate_one"], 1e-9)
-        r["decode_tps"] = args.batch_size * (args.decode_tokens - 1) / decode_s
+        r["decode_tps"] = args.batch_size * (args.decode_tokens - 1) / r["generate"]
     return results
 
 
