@@ -513,10 +513,12 @@ def test_minimind_style_state_dict_loads_strict():
 
 def test_bench_script_prints_both_rows():
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_model.py"), "--hidden_size", "32", "--num_hidden_layers",
-           "1", "--batch_size", "1", "--seq_len", "16", "--repeats", "1", "--decode_tokens", "4", "--device", "cpu"]
+    flags = dict(hidden_size=32, num_hidden_layers=1, batch_size=1, seq_len=16, repeats=1, warmup=0, decode_tokens=4,
+                 device="cpu", use_moe=1, headwise_attn_output_gate=1)
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_model.py")]
+    cmd += [item for k, v in flags.items() for item in (f"--{k}", str(v))]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [line for line in res.stdout.splitlines() if line.startswith("|")]
-    assert any("MiniMind" in r for r in rows) and any("Llama" in r for r in rows)
+    assert any("MiniMind MoE +gate" in r for r in rows) and any("Llama" in r and "dense" in r for r in rows)
     assert len(rows) >= 4  # header, separator, two models
