@@ -114,6 +114,10 @@ def test_selected_logprobs_exact_values_and_gradient():
     ref = torch.log_softmax(x, -1).gather(-1, t[..., None]).squeeze(-1)
     assert torch.allclose(selected_logprobs(x, t, chunk_rows=4), ref, atol=1e-12)
     assert torch.autograd.gradcheck(lambda v: selected_logprobs(v, t, chunk_rows=4), (x,))
+    # the sampling temperature: log_softmax(logits / T)
+    ref_t = torch.log_softmax(x / 0.7, -1).gather(-1, t[..., None]).squeeze(-1)
+    assert torch.allclose(selected_logprobs(x, t, chunk_rows=4, temperature=0.7), ref_t, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda v: selected_logprobs(v, t, chunk_rows=5, temperature=0.7), (x,))
     # bf16 logits: fp32 math, a bf16 gradient
     xb = x.detach().to(torch.bfloat16).requires_grad_(True)
     out = selected_logprobs(xb, t, chunk_rows=5)
@@ -147,9 +151,9 @@ def test_policy_and_reference_agree_when_weights_do(tok, moe, dtype):
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
     ro = rollout(model, tok, PROMPTS, num_return_sequences=2, max_new_tokens=5, max_prompt_len=200)
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        logp, aux = completion_logprobs(model, ro)  # train mode (MoE aux from this same forward)
+        logp, aux = completion_logprobs(model, ro, temperature=0.8)  # train mode (MoE aux from this forward)
         with torch.no_grad():
-            ref_logp, _ = completion_logprobs(ref, ro)
+            ref_logp, _ = completion_logprobs(ref, ro, temperature=0.8)
     assert torch.equal(logp.detach(), ref_logp)
     assert float(masked_mean(k3_kl(logp.detach(), ref_logp), ro.completion_mask)) == 0.0
     assert torch.equal(torch.exp(logp - ref_logp), torch.ones_like(logp))

@@ -17,7 +17,8 @@ Conventions every RL script relies on:
   left-padded row scores exactly as it would alone (tested). Policy, old policy and reference all go through
   `completion_logprobs` under the caller's autocast: equal weights give equal log-probs (ratio 1, KL 0), unlike the
   reference's bf16-vs-fp32 mix (§7 item 28). The log-softmax runs in fp32, chunked, without keeping an fp32 copy
-  of the logits for backward (`selected_logprobs`).
+  of the logits for backward (`selected_logprobs`). Pass temperature=T to score the distribution the rollout
+  sampled from, softmax(logits / T).
 - Rewards (`RewardScorer`) are computed right after the rollout, before the policy forward, so a reward model's
   memory peak never overlaps the policy's activations.
 
@@ -229,14 +230,14 @@ def rollout(model, tokenizer, prompts: list[str], *, num_return_sequences: int =
 # Log-probs
 
 class _SelectedLogProb(torch.autograd.Function):
-    """log_softmax(logits)[target] in fp32, row-chunked; backward recomputes the softmax chunk by chunk.
+    """log_softmax(logits / T)[target] in fp32, row-chunked; backward recomputes the softmax chunk by chunk.
 
     Saves only the logits (in their own dtype) and one fp32 logsumexp per row, so bf16 logits never get a full fp32
-    twin kept alive for backward, which log_softmax(logits.float()) + gather would do.
+    twin kept alive for backward, which log_softmax(logits.float() / T) + gather would do.
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, chunk_rows):
+    def forward(ctx, logits, targets, chunk_rows, inv_temp):
         V = logits.shape[-1]
         flat, t = logits.reshape(-1, V), targets.reshape(-1)
         acc = torch.promote_types(logits.dtype, torch.float32)
@@ -244,37 +245,48 @@ class _SelectedLogProb(torch.autograd.Function):
         out = torch.empty(t.shape, dtype=acc, device=logits.device)
         for s in range(0, flat.shape[0], chunk_rows):
             x = flat[s:s + chunk_rows].to(acc)
+            if inv_temp != 1.0:
+                x = x * inv_temp
             lse[s:s + chunk_rows] = torch.logsumexp(x, dim=-1)
             out[s:s + chunk_rows] = x.gather(-1, t[s:s + chunk_rows, None]).squeeze(-1) - lse[s:s + chunk_rows]
         ctx.save_for_backward(logits, targets, lse)
-        ctx.chunk_rows = chunk_rows
+        ctx.chunk_rows, ctx.inv_temp = chunk_rows, inv_temp
         return out.view(targets.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, targets, lse = ctx.saved_tensors
-        V = logits.shape[-1]
-        flat, t, g = logits.reshape(-1, V), targets.reshape(-1), grad_out.reshape(-1).to(lse.dtype)
+        V, k = logits.shape[-1], ctx.inv_temp
+        flat, t = logits.reshape(-1, V), targets.reshape(-1)
+        g = grad_out.reshape(-1).to(lse.dtype) * k
         grad = torch.empty_like(flat)
         for s in range(0, flat.shape[0], ctx.chunk_rows):
             e = s + ctx.chunk_rows
-            # d logp_t / d logits = onehot(t) - softmax(logits)
-            p = torch.exp(flat[s:e].to(lse.dtype) - lse[s:e, None]).mul_(-g[s:e, None])
+            # d logp_t / d logits = (onehot(t) - softmax(logits / T)) / T
+            p = torch.exp(flat[s:e].to(lse.dtype) * k - lse[s:e, None]).mul_(-g[s:e, None])
             p.scatter_add_(-1, t[s:e, None], g[s:e, None])
             grad[s:e] = p.to(grad.dtype)
-        return grad.view_as(logits), None, None
+        return grad.view_as(logits), None, None, None
 
 
-def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
-    """[..., V] logits, [...] target ids -> [...] fp32 log-probs of the targets (differentiable)."""
+def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """[..., V] logits, [...] target ids -> [...] fp32 log-probs of the targets under softmax(logits / temperature)
+    (differentiable)."""
     if chunk_rows is None:
         chunk_rows = max(1, (1 << 25) // logits.shape[-1])  # ~128 MB of fp32 per chunk
-    return _SelectedLogProb.apply(logits, targets, chunk_rows)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return _SelectedLogProb.apply(logits, targets, chunk_rows, 1.0 / temperature)
 
 
 def completion_logprobs(model, rollout_or_ids, attention_mask: torch.Tensor | None = None,
-                        prompt_len: int | None = None):
+                        prompt_len: int | None = None, *, temperature: float = 1.0):
     """(logps [N, R] fp32, aux_loss) of the completion tokens under `model`, from one forward.
+
+    temperature: score the distribution the rollout sampled from, softmax(logits / T) (pass the sampling
+    temperature; 0, i.e. greedy, and 1 both mean plain logits). The division happens inside the fp32 chunks, no
+    extra logits tensor is made.
 
     The attention mask is passed (left padding and post-EOS pads are not attended; positions come from it) and
     only the R logit rows that predict completion tokens are computed. Call it under the caller's ctx.autocast()
@@ -291,7 +303,8 @@ def completion_logprobs(model, rollout_or_ids, attention_mask: torch.Tensor | No
     if P < 1 or R < 1:
         raise ValueError(f"need a non-empty prompt and completion, got prompt_len {P}, completion length {R}")
     out = model(ids, attention_mask=attention_mask, logits_to_keep=slice(P - 1, P - 1 + R))
-    return selected_logprobs(out.logits, ids[:, P:]), out.aux_loss
+    T = temperature if temperature > 0 else 1.0
+    return selected_logprobs(out.logits, ids[:, P:], temperature=T), out.aux_loss
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -560,7 +573,8 @@ class RLBatch:
 def sample_score_logprobs(loop, ref_model, tokenizer, scorer: RewardScorer, batch: dict, args, ctx,
                           num_return_sequences: int) -> RLBatch:
     """Rollout from the current policy, rewards right away (before any policy forward), then one policy forward
-    (log-probs + aux) and one reference forward, both under ctx.autocast()."""
+    (log-probs + aux) and one reference forward, both under ctx.autocast() and both scoring the sampling
+    distribution softmax(logits / --temperature), so the policy gradient is on-policy."""
     with ctx.autocast():
         ro = rollout(loop.raw_model, tokenizer, batch["prompt"], num_return_sequences=num_return_sequences,
                      max_new_tokens=args.max_gen_len, max_prompt_len=args.max_seq_len,
@@ -568,9 +582,9 @@ def sample_score_logprobs(loop, ref_model, tokenizer, scorer: RewardScorer, batc
     answers = [a for a in batch["answer"] for _ in range(num_return_sequences)]
     rewards, reward_metrics = scorer(ro.prompts, ro.completions, answers)
     with ctx.autocast():
-        logps, aux = completion_logprobs(loop.model, ro)
+        logps, aux = completion_logprobs(loop.model, ro, temperature=args.temperature)
         with torch.no_grad():
-            ref_logps, _ = completion_logprobs(ref_model, ro)
+            ref_logps, _ = completion_logprobs(ref_model, ro, temperature=args.temperature)
     return RLBatch(ro, rewards, reward_metrics, logps, ref_logps, aux)
 
 
