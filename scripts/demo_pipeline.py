@@ -27,6 +27,12 @@ STAGES = {
     "ppo": ("trainer/train_ppo.py", ["--data_path", DEMO / "rlaif.jsonl", "--reasoning", "0", "--max_gen_len", "24",
                                      "--batch_size", "4", "--max_steps", "20", "--learning_rate", "1e-5",
                                      "--critic_learning_rate", "1e-4"]),
+    "grpo": ("trainer/train_grpo.py", ["--data_path", DEMO / "rlaif.jsonl", "--reasoning", "0", "--max_gen_len",
+                                       "24", "--num_generations", "4", "--batch_size", "4", "--max_steps", "20",
+                                       "--learning_rate", "5e-5"]),
+    "spo": ("trainer/train_spo.py", ["--data_path", DEMO / "rlaif.jsonl", "--reasoning", "0", "--max_gen_len", "24",
+                                     "--batch_size", "8", "--accumulation_steps", "1", "--max_steps", "20",
+                                     "--learning_rate", "5e-5"]),
 }
 DEFAULT_STAGES = ["pretrain", "full_sft"]
 
