@@ -76,9 +76,10 @@ def build_native_model(args):
     model = MiniMindForCausalLM(config)
     load_weights(model, path, config)
     if args.lora_weight:
-        from model.model_lora import apply_lora_from_file
+        from model.model_lora import apply_lora_from_file, merge_lora
         apply_lora_from_file(model, weight_path(os.path.join(args.save_dir, "lora"), args.lora_weight,
                                                 config.hidden_size, config.use_moe))
+        model = merge_lora(model)  # folded into the base in fp32: generation then costs what the base costs
     tok_dir = args.tokenizer_path or (side or {}).get("tokenizer_path") or root_path("model")
     if not os.path.isdir(tok_dir):
         tok_dir = root_path("model")
@@ -99,7 +100,8 @@ def main():
                    help="'model' = native .pth weights from --save_dir; or a transformers-format model directory")
     p.add_argument("--save_dir", type=str, default="out", help="目录 / where {weight}_{hidden}.pth lives")
     p.add_argument("--weight", type=str, default="full_sft", help="权重名 / weight name (pretrain, full_sft, dpo...)")
-    p.add_argument("--lora_weight", type=str, default=None, help="LoRA 名 / out/lora/{name}_{hidden}.pth")
+    p.add_argument("--lora_weight", type=str, default=None,
+                   help="LoRA 名 / out/lora/{name}_{hidden}{_moe}.pth (rank, alpha, targets from its .json)")
     p.add_argument("--tokenizer_path", type=str, default=None, help="tokenizer dir (default: the sidecar's, or model/)")
     p.add_argument("--hidden_size", type=int, default=None, help="default: from the sidecar")
     p.add_argument("--num_hidden_layers", type=int, default=None, help="default: from the sidecar")

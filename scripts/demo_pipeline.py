@@ -24,6 +24,12 @@ STAGES = {
                                                "--accumulation_steps", "1", "--max_steps", "200"]),
     "full_sft": ("trainer/train_full_sft.py", ["--data_path", DEMO / "sft.jsonl", "--epochs", "1",
                                                "--batch_size", "16", "--learning_rate", "1e-3"]),
+    # "{save_dir}" is the pipeline's --save_dir: LoRA reads the base there and writes its adapters to lora/ inside
+    "lora": ("trainer/train_lora.py", ["--data_path", DEMO / "lora_identity.jsonl", "--save_dir", "{save_dir}/lora",
+                                       "--from_dir", "{save_dir}", "--epochs", "6", "--batch_size", "16",
+                                       "--learning_rate", "5e-3"]),
+    "dpo": ("trainer/train_dpo.py", ["--data_path", DEMO / "dpo.jsonl", "--batch_size", "8", "--max_steps", "30",
+                                     "--learning_rate", "1e-4"]),
     "ppo": ("trainer/train_ppo.py", ["--data_path", DEMO / "rlaif.jsonl", "--reasoning", "0", "--max_gen_len", "24",
                                      "--batch_size", "4", "--max_steps", "20", "--learning_rate", "1e-5",
                                      "--critic_learning_rate", "1e-4"]),
@@ -62,7 +68,8 @@ def main():
               "--log_interval", "20"]
     for stage in stages:
         script, flags = STAGES[stage]
-        cmd = [sys.executable, str(ROOT / script), *map(str, common), *map(str, flags)]
+        flags = [str(f).replace("{save_dir}", str(args.save_dir)) for f in flags]
+        cmd = [sys.executable, str(ROOT / script), *map(str, common), *flags]
         print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
