@@ -494,7 +494,12 @@ def load_trainable_state_dict(model: torch.nn.Module, sd: dict, path: str) -> No
         raise UserError(f"resume file {path} does not fit this model (missing {sorted(expected - set(sd))[:3]}, "
                         f"unexpected {sorted(set(sd) - expected)[:3]}); the architecture flags differ from the run "
                         "that wrote it, or pass --from_resume 0 to start over")
-    if expected == set(model.state_dict()):
+    current = model.state_dict()
+    bad = [k for k in sd if sd[k].shape != current[k].shape]
+    if bad:
+        raise UserError(f"resume file {path} has other shapes for {bad[:3]} (e.g. {tuple(sd[bad[0]].shape)} vs "
+                        f"{tuple(current[bad[0]].shape)}); use the flags of the run that wrote it, or --from_resume 0")
+    if expected == set(current):
         model.load_state_dict(sd, strict=True)
     else:
         params = dict(model.named_parameters())
@@ -623,9 +628,10 @@ class TrainLoop:
         # resume
         self.start_epoch, self.skip_samples, self.global_step, self.opt_step = 0, 0, 0, 0
         ckp = lm_checkpoint(config, self.weight_name, save_dir=args.checkpoint_dir) if args.from_resume else None
-        resume_path = weight_path(args.checkpoint_dir, self.weight_name, config.hidden_size, config.use_moe)
+        resume_path = weight_path(args.checkpoint_dir, self.weight_name, config.hidden_size,
+                                  config.use_moe).replace(".pth", "_resume.pth")
         if args.from_resume and ckp is None:
-            Logger(f"--from_resume 1 but no {resume_path.replace('.pth', '_resume.pth')}: starting from scratch")
+            Logger(f"--from_resume 1 but no {resume_path}: starting from scratch")
         if ckp is not None:
             load_trainable_state_dict(model, ckp["model"], resume_path)
             if set(ckp["optimizer"]) != set(self.optimizers):
