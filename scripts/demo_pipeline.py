@@ -9,6 +9,7 @@ the demo files from dataset/demo/. Weights land in out/ as {stage}_{hidden}.pth,
 `python eval_llm.py --weight full_sft --hidden_size 128` chats with them.
 """
 import argparse
+import re
 import subprocess
 import sys
 import time
@@ -30,6 +31,15 @@ STAGES = {
                                        "--learning_rate", "5e-3"]),
     "dpo": ("trainer/train_dpo.py", ["--data_path", DEMO / "dpo.jsonl", "--batch_size", "8", "--max_steps", "30",
                                      "--learning_rate", "1e-4"]),
+    # "{chat_base}": dpo when this run trains it before, else full_sft (the reference starts reasoning from dpo)
+    "distill_reason": ("trainer/train_distill_reason.py", ["--data_path", DEMO / "reason.jsonl", "--from_weight",
+                                                           "{chat_base}", "--epochs", "1", "--batch_size", "8",
+                                                           "--learning_rate", "1e-4", "--max_steps", "30"]),
+    # the teacher is this run's full_sft at the pipeline's size (student = same size, fresh copy of full_sft)
+    "distillation": ("trainer/train_distillation.py", ["--data_path", DEMO / "sft.jsonl", "--teacher_hidden_size",
+                                                       "{hidden_size}", "--teacher_num_layers", "{num_hidden_layers}",
+                                                       "--epochs", "1", "--batch_size", "8", "--learning_rate", "1e-4",
+                                                       "--max_steps", "30"]),
     "ppo": ("trainer/train_ppo.py", ["--data_path", DEMO / "rlaif.jsonl", "--reasoning", "0", "--max_gen_len", "24",
                                      "--batch_size", "4", "--max_steps", "20", "--learning_rate", "1e-5",
                                      "--critic_learning_rate", "1e-4"]),
@@ -40,6 +50,8 @@ STAGES = {
                                      "--batch_size", "8", "--accumulation_steps", "1", "--max_steps", "20",
                                      "--learning_rate", "5e-5"]),
 }
+# common flags a stage spells its own way (distillation sizes its student and teacher separately)
+RENAMED = {"distillation": {"--hidden_size": "--student_hidden_size", "--num_hidden_layers": "--student_num_layers"}}
 DEFAULT_STAGES = ["pretrain", "full_sft"]
 
 
@@ -66,10 +78,13 @@ def main():
               "--use_moe", args.use_moe, "--device", args.device, "--max_seq_len", args.max_seq_len,
               "--save_dir", args.save_dir, "--checkpoint_dir", args.checkpoint_dir, "--num_workers", "0",
               "--log_interval", "20"]
-    for stage in stages:
+    for i, stage in enumerate(stages):
         script, flags = STAGES[stage]
-        flags = [str(f).replace("{save_dir}", str(args.save_dir)) for f in flags]
-        cmd = [sys.executable, str(ROOT / script), *map(str, common), *flags]
+        # "{name}" in a stage's flags: the pipeline's own flag of that name, or chat_base (see STAGES)
+        values = {**vars(args), "chat_base": "dpo" if "dpo" in stages[:i] else "full_sft"}
+        flags = [re.sub(r"\{(\w+)\}", lambda m: str(values[m.group(1)]), str(f)) for f in flags]
+        stage_common = [RENAMED.get(stage, {}).get(str(c), str(c)) for c in common]
+        cmd = [sys.executable, str(ROOT / script), *stage_common, *flags]
         print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
@@ -78,8 +93,8 @@ def main():
 
     if not args.no_chat:
         # the chat uses the last chat-model stage's output weight (ppo saves ppo_actor, distill_reason reason)
-        outputs = {"full_sft": "full_sft", "dpo": "dpo", "distill_reason": "reason", "grpo": "grpo",
-                   "ppo": "ppo_actor", "spo": "spo"}
+        outputs = {"full_sft": "full_sft", "dpo": "dpo", "distill_reason": "reason", "distillation": "full_dist",
+                   "grpo": "grpo", "ppo": "ppo_actor", "spo": "spo"}
         last = [outputs[s] for s in stages if s in outputs]
         weight = last[-1] if last else "full_sft"
         cmd = [sys.executable, str(ROOT / "eval_llm.py"), "--weight", weight, "--save_dir", args.save_dir,
