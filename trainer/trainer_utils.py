@@ -812,6 +812,13 @@ class TrainLoop:
         self.wandb.finish()
         # Free the DDP wrappers while the process group is alive: left to the garbage collector after
         # destroy_process_group, a gloo rank sometimes deadlocked at exit (seen in ~1 of 8 CPU torchrun runs).
+        # A script may still hold a wrapper (e.g. PPO's critic), so drop each DDP's reducer and logger (the C++
+        # objects that own the communication state) here rather than relying on the wrapper itself being freed.
+        for m in self._wrapped:
+            if isinstance(m, DistributedDataParallel):
+                for attr in ("logger", "reducer"):
+                    if attr in m.__dict__:
+                        delattr(m, attr)
         self.model = unwrap(self.model)
         self._wrapped.clear()
         gc.collect()
