@@ -65,10 +65,12 @@ def test_tracker_state_round_trip():
 def test_torchrun_with_classifier_reward_model_then_resume_keeps_tracker(sft_copy):
     tok = load_tokenizer(str(ROOT / "model"))
     rm = make_reward_model(sft_copy / "rm", tok)
-    common = [*TINY, *dirs(sft_copy), *RL, "--reasoning", "1", "--from_weight", "full_sft", "--reward_model_path", rm]
+    # --from_weight none: the ranks' random inits differ, DDP hands the policy rank 0's; the reference must follow
+    common = [*TINY, *dirs(sft_copy), *RL, "--reasoning", "1", "--from_weight", "none", "--reward_model_path", rm]
     out = run_torchrun("trainer/train_spo.py", *common, "--max_steps", "2", tmp=sft_copy)
     assert "weights identical on all 2 ranks" in out and "loaded reward model" in out
     rows = read_metrics(sft_copy, "spo")
+    assert rows[0]["kl"] == 0.0  # first step: policy == reference on both ranks
     for key in ("reward", "reward_std", "reward_model", "reward_format", "reward_answer", "kl", "rho", "baseline",
                 "advantage_mean", "completion_len", "policy_loss", "aux_loss", "lr", "tokens_per_s"):
         assert key in rows[0], key

@@ -87,6 +87,11 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     ref = copy.deepcopy(unwrap(model))
     ref.eval()
     ref.requires_grad_(False)
+    if dist.is_initialized():
+        # DDP gives the policy rank 0's weights; the reference must match it on every rank even when the ranks
+        # started from different random inits (--from_weight none)
+        for t in list(ref.parameters()) + list(ref.buffers()):
+            dist.broadcast(t.data, src=0)
     return ref
 
 
