@@ -14,7 +14,7 @@ from conftest import DEMO, TINY, dirs, read_metrics, run_torchrun
 from dataset.lm_dataset import RLAIFDataset
 from trainer import train_ppo
 from trainer.rl_utils import completion_logprobs, frozen_copy, rollout
-from trainer.train_ppo import CriticModel, center, gae, ppo_losses, tempered
+from trainer.train_ppo import CriticModel, center, gae, ppo_losses
 from trainer.trainer_utils import UserError, build_optimizer, init_model, model_config_from_args, parse_args
 
 RL = ["--data_path", DEMO / "rlaif.jsonl", "--reasoning", "0", "--max_gen_len", "12", "--batch_size", "2",
@@ -109,9 +109,9 @@ def test_ratio_is_one_and_kl_zero_before_the_first_update_and_critic_shares_the_
     assert ro.completion_mask.sum() > 3
     T = 0.8
     with torch.no_grad():
-        old_logp, _ = completion_logprobs(tempered(old, T), ro)
-        ref_logp, _ = completion_logprobs(tempered(ref, T), ro)
-    logp, _ = completion_logprobs(tempered(actor, T), ro)
+        old_logp, _ = completion_logprobs(old, ro, temperature=T)
+        ref_logp, _ = completion_logprobs(ref, ro, temperature=T)
+    logp, _ = completion_logprobs(actor, ro, temperature=T)
     assert torch.equal(logp.detach(), old_logp) and torch.equal(logp.detach(), ref_logp)
     values, _ = critic(ro.input_ids, ro.attention_mask, ro.prompt_len)
     assert values.shape == logp.shape and torch.all(values == 0)  # zero-initialised value head

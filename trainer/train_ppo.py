@@ -74,20 +74,6 @@ class CriticModel(nn.Module):
         return self.value_head(h).squeeze(-1).float(), out.aux_loss
 
 
-def tempered(model, temperature: float):
-    """`model` as a callable whose logits are divided by the sampling temperature, so that completion_logprobs
-    scores the distribution the rollout was really drawn from (softmax(logits / T)). T = 1, and T = 0 (greedy,
-    no distribution to match), score the plain model."""
-    if temperature in (0.0, 1.0):
-        return model
-
-    def forward(*args, **kwargs):
-        out = model(*args, **kwargs)
-        out.logits = out.logits / temperature
-        return out
-    return forward
-
-
 def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Generalised advantage estimation for one scalar reward per sequence, paid at its last completion token.
 
@@ -214,9 +200,9 @@ def main(argv=None, reward_model=None):
         T = args.temperature
         with ctx.autocast():
             with torch.no_grad():
-                old_logp, _ = completion_logprobs(tempered(old_actor, T), ro)
-                ref_logp, _ = completion_logprobs(tempered(ref_model, T), ro)
-            logp, actor_aux = completion_logprobs(tempered(loop.model, T), ro)
+                old_logp, _ = completion_logprobs(old_actor, ro, temperature=T)
+                ref_logp, _ = completion_logprobs(ref_model, ro, temperature=T)
+            logp, actor_aux = completion_logprobs(loop.model, ro, temperature=T)
             values, critic_aux = critic_model(ro.input_ids, ro.attention_mask, ro.prompt_len)
 
         with torch.no_grad():

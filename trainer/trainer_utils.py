@@ -685,7 +685,7 @@ class TrainLoop:
             n = len(sampler)
             if args.max_steps:  # the run stops inside this epoch: treat that point as the epoch's end
                 n = min(n, max(args.max_steps - self.global_step, 0))
-            self.epoch, self.sampler, self.steps_in_epoch = epoch, sampler, n
+            self.epoch = epoch
             done_before = self.iters_per_epoch - len(sampler)  # steps of this epoch run before a resume
             for i, batch in zip(range(1, n + 1), loader):
                 self.step = done_before + i  # 1-indexed micro-step within the epoch
