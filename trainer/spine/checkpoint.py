@@ -1,0 +1,218 @@
+"""Weights, sidecars and resume files: atomic writes, strict loading with actionable mismatch messages."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, count_params
+from trainer.spine.common import Logger, UserError, root_path
+from trainer.spine.runtime import unwrap
+
+
+def weight_path(save_dir: str, weight: str, hidden_size: int, use_moe) -> str:
+    """MiniMind's naming: {dir}/{weight}_{hidden}{_moe}.pth"""
+    return os.path.join(save_dir, f"{weight}_{hidden_size}{'_moe' if use_moe else ''}.pth")
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save through a temp file and rename: a crash mid-write never destroys the previous file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def sidecar_path(pth: str) -> str:
+    return os.path.splitext(pth)[0] + ".json"
+
+
+def read_sidecar(pth: str) -> dict | None:
+    p = sidecar_path(pth)
+    if not os.path.exists(p):
+        return None
+    with open(p, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# Config fields that decide the state_dict layout, and the flag that sets each.
+ARCH_FLAGS = {"hidden_size": "--hidden_size", "num_hidden_layers": "--num_hidden_layers", "use_moe": "--use_moe",
+              "headwise_attn_output_gate": "--headwise_attn_output_gate"}
+
+
+def save_weights(state_dict: dict, path: str, config: MiniMindConfig | None, **meta) -> None:
+    """fp16 weights (MiniMind's convention) plus a readable sidecar JSON with the config and provenance."""
+    half = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu())
+            for k, v in state_dict.items()}
+    atomic_save(half, path)
+    side = {"model_config": config.to_dict() if config is not None else None, **meta,
+            "saved_at": datetime.datetime.now().isoformat(timespec="seconds")}
+    atomic_write_text(json.dumps(side, indent=2, ensure_ascii=False, default=str), sidecar_path(path))
+
+
+
+
+def _diagnose_mismatch(model_sd: dict, file_sd: dict, path: str, config: MiniMindConfig) -> str:
+    """Name the flag that makes a weight file fit, instead of a wall of missing/unexpected keys."""
+    side = read_sidecar(path)
+    if side and side.get("model_config"):
+        fc = side["model_config"]
+        wrong = [f"{flag} {int(fc[k]) if isinstance(fc[k], bool) else fc[k]}" for k, flag in ARCH_FLAGS.items()
+                 if k in fc and fc[k] != getattr(config, k)]
+        if wrong:
+            return f"{path} was trained with a different architecture: pass {' '.join(wrong)}"
+    hints = []
+    q = "model.layers.0.self_attn.q_proj.weight"
+    if q in file_sd and q in model_sd and file_sd[q].shape != model_sd[q].shape:
+        h = config.hidden_size
+        if file_sd[q].shape[0] == h + config.num_attention_heads and model_sd[q].shape[0] == h:
+            hints.append("the file has the head-wise attention output gate: pass --headwise_attn_output_gate 1")
+        elif file_sd[q].shape[0] == h and model_sd[q].shape[0] != h:
+            hints.append("the file has no attention output gate (e.g. original MiniMind weights): "
+                         "pass --headwise_attn_output_gate 0")
+    file_moe = any(".mlp.experts." in k for k in file_sd)
+    model_moe = any(".mlp.experts." in k for k in model_sd)
+    if file_moe != model_moe:
+        hints.append(f"the file is {'MoE' if file_moe else 'dense'}: pass --use_moe {int(file_moe)}")
+    n_file = len({k.split('.')[2] for k in file_sd if k.startswith("model.layers.")})
+    if n_file and n_file != config.num_hidden_layers:
+        hints.append(f"the file has {n_file} layers: pass --num_hidden_layers {n_file}")
+    emb = "model.embed_tokens.weight"
+    if emb in file_sd and file_sd[emb].shape[1] != config.hidden_size:
+        hints.append(f"the file has hidden size {file_sd[emb].shape[1]}: pass --hidden_size {file_sd[emb].shape[1]}")
+    if hints:
+        return f"{path} does not fit the model built from your flags; " + "; ".join(hints)
+    missing = sorted(set(model_sd) - set(file_sd))[:5]
+    unexpected = sorted(set(file_sd) - set(model_sd))[:5]
+    bad = [k for k in model_sd if k in file_sd and model_sd[k].shape != file_sd[k].shape][:5]
+    return (f"{path} does not match the model: missing {missing}, unexpected {unexpected}, "
+            f"shape mismatches {bad}")
+
+
+def load_weights(model: torch.nn.Module, path: str, config: MiniMindConfig) -> None:
+    """Strict load of a .pth state_dict; a mismatch stops with a message naming the flag that fixes it."""
+    if not os.path.exists(path):
+        raise UserError(_missing_weight_message(path))
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    model_sd = model.state_dict()
+    if set(sd) != set(model_sd) or any(sd[k].shape != model_sd[k].shape for k in model_sd):
+        raise UserError(_diagnose_mismatch(model_sd, sd, path, config))
+    model.load_state_dict(sd, strict=True)
+
+
+def _missing_weight_message(path: str) -> str:
+    d, name = os.path.split(path)
+    stem = name.rsplit("_", 2)[0] if name.endswith("_moe.pth") else name.rsplit("_", 1)[0]
+    others = sorted(p for p in os.listdir(d) if p.startswith(stem + "_") and p.endswith(".pth")) \
+        if os.path.isdir(d) else []
+    msg = f"weight file {path} not found."
+    if others:
+        msg += f" Found {', '.join(others)} in {d}: set --hidden_size/--use_moe to match one of them."
+    else:
+        msg += " Run the stage that produces it first (pretrain -> full_sft -> ...), or set --from_weight/--save_dir."
+    return msg
+
+
+def model_config_from_args(args, **overrides) -> MiniMindConfig:
+    kw = dict(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe),
+              headwise_attn_output_gate=bool(args.headwise_attn_output_gate))
+    kw.update(overrides)
+    return MiniMindConfig(**kw)
+
+
+def load_tokenizer(tokenizer_path: str):
+    from transformers import AutoTokenizer
+    if not os.path.isdir(tokenizer_path):
+        raise UserError(f"tokenizer directory {tokenizer_path} not found; pass --tokenizer_path DIR "
+                        "(a folder with tokenizer.json / tokenizer_config.json)")
+    return AutoTokenizer.from_pretrained(tokenizer_path)
+
+
+def init_model(config: MiniMindConfig, from_weight: str = "pretrain", tokenizer_path: str = root_path("model"),
+               save_dir: str = root_path("out"), device="cpu", log: bool = True):
+    """Tokenizer + model; unless from_weight is 'none', strictly load {save_dir}/{from_weight}_{h}{_moe}.pth."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(f"tokenizer at {tokenizer_path} has {len(tokenizer)} tokens but the model vocab is "
+                        f"{config.vocab_size}; use a tokenizer with at most {config.vocab_size} tokens")
+    model = MiniMindForCausalLM(config)
+    if from_weight != "none":
+        load_weights(model, weight_path(save_dir, from_weight, config.hidden_size, config.use_moe), config)
+    if log:
+        total, active = count_params(model)
+        Logger(f"Model Params: {total:.2f}M" + (f"-A{active:.2f}M" if config.use_moe else "")
+               + f" | trainable {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.3f}M")
+    return model.to(device), tokenizer
+
+
+def lm_checkpoint(config, weight="full_sft", model=None, optimizer=None, epoch=0, step=0, wandb=None,
+                  save_dir=root_path("checkpoints"), **kwargs):
+    """Save (model given) or load (model None) {save_dir}/{weight}_{h}{_moe}_resume.pth.
+
+    Saved: fp32 model state (trainable tensors only when part of the model is frozen, e.g. LoRA), optimizer state
+    (or a list of them), epoch, step, world_size, wandb run id, and every extra kwarg (objects with state_dict()
+    are stored as their state). Load returns that dict, or None when there is no resume file.
+    """
+    path = weight_path(save_dir, weight, config.hidden_size, config.use_moe).replace(".pth", "_resume.pth")
+    if model is None:
+        if not os.path.exists(path):
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    m = unwrap(model)
+    state = {"model": trainable_state_dict(m), "epoch": epoch, "step": step,
+             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+             "wandb_id": getattr(wandb, "id", None)}
+    if optimizer is not None:
+        state["optimizer"] = {k: o.state_dict() for k, o in optimizer.items()} if isinstance(optimizer, dict) \
+            else optimizer.state_dict()
+    for k, v in kwargs.items():
+        if v is not None:
+            state[k] = unwrap(v).state_dict() if isinstance(v, torch.nn.Module) else \
+                (v.state_dict() if hasattr(v, "state_dict") else v)
+    atomic_save(state, path)
+    return path
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict:
+    """Full fp32 state when everything trains; only the trainable tensors when part of the model is frozen."""
+    params = dict(model.named_parameters())
+    if all(p.requires_grad for p in params.values()):
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {k: p.detach().cpu().clone() for k, p in params.items() if p.requires_grad}
+
+
+def load_trainable_state_dict(model: torch.nn.Module, sd: dict, path: str) -> None:
+    """Inverse of trainable_state_dict, strict about which tensors must be there."""
+    expected = set(trainable_state_dict(model)) if not all(p.requires_grad for p in model.parameters()) \
+        else set(model.state_dict())
+    if set(sd) != expected:
+        raise UserError(f"resume file {path} does not fit this model (missing {sorted(expected - set(sd))[:3]}, "
+                        f"unexpected {sorted(set(sd) - expected)[:3]}); the architecture flags differ from the run "
+                        "that wrote it, or pass --from_resume 0 to start over")
+    current = model.state_dict()
+    bad = [k for k in sd if sd[k].shape != current[k].shape]
+    if bad:
+        raise UserError(f"resume file {path} has other shapes for {bad[:3]} (e.g. {tuple(sd[bad[0]].shape)} vs "
+                        f"{tuple(current[bad[0]].shape)}); use the flags of the run that wrote it, or --from_resume 0")
+    if expected == set(current):
+        model.load_state_dict(sd, strict=True)
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in sd.items():
+                params[k].copy_(v)

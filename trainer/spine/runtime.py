@@ -1,0 +1,135 @@
+"""Where and how a run executes: distributed set-up/teardown, device, precision, seeding, model wrapping."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.spine.common import UserError
+
+
+def init_distributed_mode(device: str = "cpu", timeout_s: float | None = None) -> int:
+    """Join the torchrun process group if launched by torchrun; NCCL on CUDA, gloo on CPU. Returns local rank."""
+    if int(os.environ.get("RANK", -1)) == -1 or dist.is_initialized():
+        return int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("MINIMIND_DIST_TIMEOUT", 1800)))
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+    return local_rank
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 may still be writing the last checkpoint
+        dist.destroy_process_group()
+
+
+def setup_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+@dataclass
+class RunContext:
+    """What a script needs to know about where and how it runs."""
+    device: torch.device
+    rank: int
+    local_rank: int
+    world_size: int
+    dtype: torch.dtype  # autocast dtype; float32 means no autocast
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def init_run(args) -> RunContext:
+    """Distributed init, device, seed and precision in one call. Every script starts with this."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device} was asked for but torch.cuda.is_available() is False; "
+                        "pass --device cpu, or install a CUDA build of torch")
+    local_rank = init_distributed_mode(args.device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    device = torch.device(f"cuda:{local_rank}" if args.device.startswith("cuda") and dist.is_initialized()
+                          else args.device)
+    setup_seed(getattr(args, "seed", 42) + rank)
+    dtype = resolve_dtype(getattr(args, "dtype", None), device)
+    if dtype != torch.float32 and device.type == "cuda" and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return RunContext(device=device, rank=rank, local_rank=local_rank, world_size=world, dtype=dtype)
+
+
+def run_main(main) -> None:
+    """Run a script's main(); user mistakes end with one readable line instead of a traceback."""
+    from dataset.lm_dataset import DataFormatError
+    try:
+        main()
+    except (UserError, DataFormatError, FileNotFoundError) as e:
+        rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
+        print(f"\n{rank}error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP and torch.compile wrappers so state_dict keys are the plain model's."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+
+def reduce_mean(values: list[float], device) -> list[float]:
+    """Average scalars over ranks (one collective) so logged metrics describe the whole batch, not rank 0's."""
+    if not dist.is_initialized() or not values:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / dist.get_world_size()).tolist()
+
+
+def wrap_model(model: torch.nn.Module, ctx: RunContext, compile: bool = False) -> torch.nn.Module:
+    """torch.compile (optional) then DDP. No buffers need syncing (RoPE tables are deterministic), so
+    broadcast_buffers=False (the reference re-broadcast 2x8 MB of RoPE tables every forward)."""
+    if compile:
+        model = torch.compile(model)
+    if ctx.ddp:
+        model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+                                        broadcast_buffers=False)
+    return model
