@@ -297,17 +297,28 @@ def pad_stack(rows, value):
     return out
 
 
+def attention_mask_for(rows):
+    """1 on each row's real tokens, 0 on the right padding pad_stack adds (built from lengths, not from the pad id,
+    which may occur in real text)."""
+    longest = max(len(r) for r in rows)
+    lengths = torch.tensor([len(r) for r in rows])
+    return (torch.arange(longest)[None] < lengths[:, None]).long()
+
+
 def collate_lm(batch, pad_id=0):
-    """Right-pad a list of {input_ids, labels} to the batch's longest: ids with pad_id, labels with -100."""
-    return {"input_ids": pad_stack([b["input_ids"] for b in batch], pad_id),
-            "labels": pad_stack([b["labels"] for b in batch], -100)}
+    """Right-pad a list of {input_ids, labels} to the batch's longest: ids with pad_id, labels with -100, and the
+    attention_mask (1 = real token) that keeps pads out of the MoE balance loss."""
+    ids = [b["input_ids"] for b in batch]
+    return {"input_ids": pad_stack(ids, pad_id), "labels": pad_stack([b["labels"] for b in batch], -100),
+            "attention_mask": attention_mask_for(ids)}
 
 
 def collate_dpo(batch, pad_id=0):
     """Rows 0..B-1 are the chosen sequences, rows B..2B-1 the rejected ones (same order), padded together."""
     ids = [b["chosen_input_ids"] for b in batch] + [b["rejected_input_ids"] for b in batch]
     labels = [b["chosen_labels"] for b in batch] + [b["rejected_labels"] for b in batch]
-    return {"input_ids": pad_stack(ids, pad_id), "labels": pad_stack(labels, -100)}
+    return {"input_ids": pad_stack(ids, pad_id), "labels": pad_stack(labels, -100),
+            "attention_mask": attention_mask_for(ids)}
 
 
 def collate_rl(batch):
