@@ -182,29 +182,95 @@ def test_rlaif_prompt_answer_uses_real_roles(tok, tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 # Errors
 
+def quoted_line(text, prefix):
+    return next(line for line in text.splitlines() if line.startswith("  " + prefix))
+
+
+GOOD = {"text": "fine", "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
+
+
 @pytest.mark.parametrize("cls,line,message", [
-    (PretrainDataset, '{"text": "ok"', "not valid JSON"),
+    (PretrainDataset, '{"text": "ok"', "not valid JSON (Expecting ',' delimiter at the end of the line)"),
     (PretrainDataset, '{"txt": "ok"}', 'no string field "text"'),
+    (PretrainDataset, b'{"text": "\xff"}', "not UTF-8 text"),
     (SFTDataset, '{"conversations": []}', "empty"),
     (SFTDataset, '{"conversations": [{"role": "robot", "content": "hi"}]}', "role 'robot'"),
+    (SFTDataset, '{"conversations": [{"role": ["user"], "content": "hi"}]}', "role ['user']"),
     (SFTDataset, '{"conversations": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
     (SFTDataset, '{"conversations": [{"role": "user"}, {"role": "assistant", "content": "x"}]}', 'no "content"'),
+    (SFTDataset, '{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", '
+                 '"tool_calls": "[{\\"arguments\\": {}}]"}]}', "tool_calls must be a list"),
+    (SFTDataset, '{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
+                 '"tools": {"name": "add"}}', '"tools"/"functions" must be a list'),
     (DPODataset, '{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
                  '"rejected": []}', '"rejected" is missing, empty'),
     (RLAIFDataset, '{"conversations": [{"role": "assistant", "content": "7"}]}', "prompt message"),
-    (RLAIFDataset, '[1, 2]', "not an object"),
+    (RLAIFDataset, '[1, 2]', "a JSON list, not an object"),
 ])
-def test_malformed_line_names_file_and_line(tok, tmp_path, cls, line, message):
-    good = {"text": "fine", "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-            "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
-    path = write_jsonl(tmp_path / "bad.jsonl", [good, "", line])
-    ds = cls(path, tok)
+def test_bad_line_found_at_startup_or_skipped(tok, tmp_path, capsys, cls, line, message):
+    """Every line is checked when the dataset is built; the error names file:line and the way out, and
+    skip_bad_lines drops the line from the index and says so."""
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else
+                               (r if isinstance(r, str) else json.dumps(r)).encode()) + b"\n"
+                              for r in [GOOD, "", line, GOOD]))
+    with pytest.raises(DataFormatError) as e:
+        cls(path, tok)
+    text = str(e.value)
+    assert f"1 bad line of 4 in {path}" in text and message in quoted_line(text, f"{path}:3: ")
+    assert "--skip_bad_lines 1" in text
+    ds = cls(path, tok, skip_bad_lines=True)
+    assert len(ds) == 2 and ds.skipped_lines == 1
+    assert ds[0] == ds[1] if cls is RLAIFDataset else torch.equal(ds[0][next(iter(ds[0]))], ds[1][next(iter(ds[1]))])
+    out = capsys.readouterr().out
+    assert out.count(f"skipped 1 bad line of 4 in {path}") == 1 and message in quoted_line(out, f"{path}:3: ")
+
+
+def test_bad_line_late_in_file_lists_first_five_and_counts_all(tok, tmp_path):
+    records = [{"text": f"doc {i}"} for i in range(2000)]
+    for i in (1800, 1850, 1900, 1901, 1950, 1990, 1999):  # 0-based records -> lines i + 1
+        records[i] = {"text": i}
+    path = write_jsonl(tmp_path / "pre.jsonl", records)
+    with pytest.raises(DataFormatError) as e:
+        PretrainDataset(path, tok)
+    text = str(e.value)
+    assert text.startswith(f"7 bad lines of 2000 in {path}")
+    assert re.findall(r":(\d+): ", text) == ["1801", "1851", "1901", "1902", "1951"]
+    ds = PretrainDataset(path, tok, skip_bad_lines=True, target_sample=0)
+    assert len(ds) == 1993 and ds.skipped_lines == 7
+    assert tok.decode(ds[1992]["input_ids"]) == "<|im_start|>doc 1998<|im_end|>"
+
+
+def test_wrong_file_for_the_stage_stops_early(tok, tmp_path):
+    path = write_jsonl(tmp_path / "pretrain.jsonl", [{"text": "x"}] * 1500)
+    with pytest.raises(DataFormatError) as e:
+        SFTDataset(path, tok, skip_bad_lines=True)
+    assert "1000 bad lines of 1000" in str(e.value) and "right file for this stage" in str(e.value)
+
+
+def test_directory_and_empty_files(tok, tmp_path):
+    write_jsonl(tmp_path / "sft_512.jsonl", [GOOD])
+    with pytest.raises(DataFormatError, match="is a directory, not a JSONL file .it holds sft_512.jsonl."):
+        SFTDataset(tmp_path, tok)
+    for content in ("", "\n  \n\n"):
+        (tmp_path / "empty.jsonl").write_text(content)
+        with pytest.raises(DataFormatError, match=f"{tmp_path / 'empty.jsonl'} has no records: it is empty"):
+            PretrainDataset(tmp_path / "empty.jsonl", tok)
+    write_jsonl(tmp_path / "allbad.jsonl", ["{", '{"text": 1}'])
+    with pytest.raises(DataFormatError, match="no good line is left after skipping 2 bad ones"):
+        PretrainDataset(tmp_path / "allbad.jsonl", tok, skip_bad_lines=True)
+
+
+def test_line_changed_after_startup_still_names_file_and_line(tok, tmp_path):
+    path = write_jsonl(tmp_path / "pre.jsonl", [{"text": "aa"}, "", "", {"text": "bb"}])
+    ds = PretrainDataset(path, tok, target_sample=0)  # (no read before the change: reads are buffered)
+    path.write_text(path.read_text().replace('{"text": "bb"}', '{"text": 12}!'))  # same offsets
     ds[0]
     with pytest.raises(DataFormatError) as e:
         ds[1]
-    assert str(e.value).startswith(f"{path}:3: ")
-    assert message in str(e.value) and "expected" in str(e.value)
+    assert str(e.value).startswith(f"{path}:4: not valid JSON (Extra data at character 13)")
 
 
 def test_missing_file_says_where_data_comes_from(tok, tmp_path):
