@@ -100,7 +100,7 @@ def parse_error(e):
         return f"not UTF-8 text ({e.reason} at byte {e.start + 1})"
     if isinstance(e, json.JSONDecodeError):  # its own line/column would count the line's trailing newline
         where = "the end of the line" if e.pos >= len(e.doc.rstrip()) else f"character {e.pos + 1}"
-        return f"not valid JSON ({e.msg} at {where})"
+        return f"not valid JSON ({e.msg.removesuffix(' at')} at {where})"
     return f"not valid JSON ({'nested too deeply' if isinstance(e, RecursionError) else e})"
 
 
@@ -138,6 +138,9 @@ class JsonlFile:
         loads, check = json.loads, self.check
         pos = lineno = 0
         with open(self.path, "rb") as f:
+            if f.read(3) == b"\xef\xbb\xbf":  # a UTF-8 byte-order mark (Windows editors): the first record follows it
+                pos = 3
+            f.seek(pos)
             for lineno, line in enumerate(f, start=1):
                 start, pos = pos, pos + len(line)
                 if line.isspace():
@@ -162,8 +165,9 @@ class JsonlFile:
 
     def _bad_report(self, bad, n_bad, n_lines):
         lines = "".join(f"\n  {self.path}:{lineno}: {what}" for lineno, what in bad)
+        shown = f"; the first {len(bad)}" if len(bad) < n_bad else ""
         return (f"{n_bad} bad line{'s' if n_bad > 1 else ''} of {n_lines} in {self.path} (each line must be "
-                f"{self.expected}); the first {len(bad)}:{lines}")
+                f"{self.expected}){shown}:{lines}")
 
     def __len__(self):
         return len(self.offsets)
@@ -569,6 +573,8 @@ def pack(ids, labels, max_len, pad_id):
         p = 0
         for i in b:
             n = len(ids[i])
+            if n == 0:
+                continue
             out_ids[r, p:p + n], out_labels[r, p:p + n] = ids[i], labels[i]
             out_labels[r, p] = -100  # the previous sequence's last token does not predict this one's first
             mask[r, p:p + n], positions[r, p:p + n], index[r, p:p + n] = 1, arange[:n], i

@@ -402,6 +402,13 @@ def test_directory_and_empty_files(tok, tmp_path):
         PretrainDataset(tmp_path / "allbad.jsonl", tok, skip_bad_lines=True)
 
 
+def test_byte_order_mark_and_crlf_lines(tok, tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "aa"}\r\n\r\n{"text": "bb"}')  # no newline at the end either
+    ds = PretrainDataset(path, tok)
+    assert [tok.decode(ds[i]["input_ids"]) for i in range(2)] == ["<|im_start|>aa<|im_end|>", "<|im_start|>bb<|im_end|>"]
+
+
 def test_line_changed_after_startup_still_names_file_and_line(tok, tmp_path):
     path = write_jsonl(tmp_path / "pre.jsonl", [{"text": "aa"}, "", "", {"text": "bb"}])
     ds = PretrainDataset(path, tok, target_sample=0)  # (no read before the change: reads are buffered)
@@ -434,7 +441,7 @@ DEMO_SETS = [("pretrain.jsonl", PretrainDataset), ("sft.jsonl", SFTDataset), ("d
 
 @pytest.mark.parametrize("name,cls", DEMO_SETS)
 def test_demo_files_parse(tok, name, cls):
-    ds = cls(DEMO / name, tok)
+    ds = cls(DEMO / name, tok, target_sample=0)  # every item is checked below
     assert len(ds) >= 100
     for i in range(len(ds)):
         item = ds[i]
