@@ -2,9 +2,11 @@
 
     python -m pytest tests/test_dataset.py -q
 """
+import functools
 import json
 import os
 import pickle
+import random
 import re
 import subprocess
 import sys
@@ -20,7 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from dataset.lm_dataset import (DataFormatError, DPODataset, PretrainDataset, RLAIFDataset, SFTDataset,  # noqa: E402
-                                collate_dpo, collate_lm, collate_rl)
+                                best_fit_decreasing, collate_dpo, collate_dpo_packed, collate_lm, collate_packed,
+                                collate_rl, real_token_fraction)
 
 CHAT = [{"role": "system", "content": "You are terse."},
         {"role": "user", "content": "3+4=?"}, {"role": "assistant", "content": "3+4=7。"},
@@ -149,6 +152,40 @@ def test_pretrain_bos_eos_truncation_and_collate(tok, tmp_path):
     assert batch["labels"][0, :n].tolist() == short["input_ids"].tolist()
 
 
+def test_pretrain_boundary_tokens_only_when_absent(tok, tmp_path):
+    """MiniMind's pretrain_hq.jsonl texts carry their own <|im_start|>...<|im_end|> turns: nothing is doubled."""
+    hq = "<|im_start|>鉴别一组中文文章的风格。<|im_end|> <|im_start|>好的，今天天气晴。<|im_end|>"
+    texts = [hq, "<|im_start|>半句", "半句<|im_end|>"]
+    path = write_jsonl(tmp_path / "pre.jsonl", [{"text": t} for t in texts])
+    ds = PretrainDataset(path, tok)
+    ids = ds[0]["input_ids"].tolist()
+    assert ids == tok.encode(hq) and ids[0] == 1 and ids[-1] == 2 and ids.count(1) == 2 and ids.count(2) == 2
+    assert ds[1]["input_ids"].tolist() == tok.encode("<|im_start|>半句") + [2]
+    assert ds[2]["input_ids"].tolist() == [1] + tok.encode("半句<|im_end|>")
+    assert ds[0]["supervised"] == len(ids) - 1
+
+
+def test_samples_without_targets_are_counted_at_startup(tok, tmp_path, capsys):
+    answer = {"role": "assistant", "content": "好"}
+    long_prompt = [{"role": "user", "content": "一二三四五六七八九十" * 20}, answer]
+    short = [{"role": "user", "content": "hi"}, answer]
+    records = [{"conversations": long_prompt if i % 4 == 0 else short} for i in range(40)]  # 10 of 40 cut
+    path = write_jsonl(tmp_path / "sft.jsonl", records)
+    ds = SFTDataset(path, tok, max_length=64)
+    assert ds.no_target_sample == (10, 40)
+    assert [ds[i]["supervised"] == 0 for i in range(40)] == [i % 4 == 0 for i in range(40)]
+    assert ds[1]["supervised"] == 2  # "好" + <|im_end|>
+    assert f"{path}: 10 of the 40 records keep no supervised token within max_length=64" in capsys.readouterr().out
+    # A sample of 20 records: an estimate for the file, and the exact per-batch count from the collate.
+    part = SFTDataset(path, tok, max_length=64, target_sample=20)
+    found, sampled = part.no_target_sample
+    assert sampled == 20 and 0 < found < 20
+    assert f"{found} of 20 randomly sampled records (~{found * 2} of 40)" in capsys.readouterr().out
+    assert collate_lm([ds[i] for i in range(8)])["supervised"].tolist() == [0, 2, 2, 2, 0, 2, 2, 2]
+    assert SFTDataset(path, tok, max_length=512).no_target_sample == (0, 40)
+    assert capsys.readouterr().out == ""
+
+
 def test_dpo_collate_layout(tok, tmp_path):
     def pair(q, good, bad):
         user = {"role": "user", "content": q}
@@ -169,6 +206,108 @@ def test_dpo_collate_layout(tok, tmp_path):
     assert runs == [["2<|im_end|>"], ["2+2=4, a longer answer<|im_end|>"], ["3<|im_end|>"], ["5<|im_end|>"]]
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Packing
+
+def lm_item(ids, labels=None):
+    ids = torch.tensor(ids)
+    return {"input_ids": ids, "labels": ids.clone() if labels is None else torch.tensor(labels)}
+
+
+def test_best_fit_decreasing_by_hand():
+    assert best_fit_decreasing([5, 4, 3, 2, 1], 6) == [[0, 4], [1, 3], [2]]
+    assert best_fit_decreasing([6, 1, 6], 6) == [[0], [2], [1]]  # a sample of exactly max_len fills a row alone
+    assert best_fit_decreasing([3, 3, 3], 6) == [[0, 1], [2]]
+    with pytest.raises(ValueError, match="does not fit a packed row of 6"):
+        best_fit_decreasing([7], 6)
+    # real tokens / computed positions: padded 15 / (5 x 5), packed 15 / (3 rows x 6)
+    assert real_token_fraction([5, 4, 3, 2, 1], 5, 6) == (15 / 25, 15 / 18)
+
+
+def test_collate_packed_by_hand():
+    items = [lm_item([10, 11, 12, 13, 14]), lm_item([20, 21, 22, 23], [-100, -100, 22, 23]), lm_item([30, 31, 32]),
+             lm_item([40, 41]), lm_item([50])]
+    batch = collate_packed(items, max_len=6)
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 13, 14, 50], [20, 21, 22, 23, 40, 41], [30, 31, 32, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 11, 12, 13, 14, -100], [-100, -100, 22, 23, -100, 41],
+                                        [-100, 31, 32, -100, -100, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
+    assert batch["attention_mask"].tolist() == [[1] * 6, [1] * 6, [1, 1, 1, 0, 0, 0]]
+    assert batch["supervised"].tolist() == [4, 2, 2, 1, 0]
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "position_ids", "supervised"}
+
+
+def segments(batch):
+    """(row, start, end) of every real segment: runs that start at position_ids == 0, within attention_mask."""
+    out = []
+    for r in range(batch["input_ids"].shape[0]):
+        starts = (batch["position_ids"][r] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+        out += [(r, a, b) for a, b in zip(starts, starts[1:]) if batch["attention_mask"][r, a]]
+    return out
+
+
+def target_pairs(ids, labels):
+    """(previous token, target) of every target, as the shifted loss sees them."""
+    keep = labels[:, 1:] != -100
+    return sorted(zip(ids[:, :-1][keep].tolist(), labels[:, 1:][keep].tolist()))
+
+
+@pytest.mark.parametrize("batch_size,max_len", [(16, 64), (32, 100), (7, 40)])
+def test_collate_packed_keeps_every_token_once(batch_size, max_len):
+    rng = random.Random(batch_size)
+    items = []
+    for s in range(batch_size):  # token ids encode (sample, position) so every token can be traced back
+        n = rng.choice([max_len, 1, 2] + list(range(3, max_len)))
+        ids = [1000 * (s + 1) + k for k in range(n)]
+        labels = [t if rng.random() < 0.7 else -100 for t in ids]
+        items.append(lm_item(ids, labels))
+    collate = pickle.loads(pickle.dumps(functools.partial(collate_packed, max_len=max_len, pad_id=7)))
+    batch = collate(items)
+    assert all(torch.equal(batch[k], v) for k, v in collate_packed(items, max_len, pad_id=7).items())  # deterministic
+    ids, labels, pos, mask = batch["input_ids"], batch["labels"], batch["position_ids"], batch["attention_mask"]
+    assert ids.shape[1] <= max_len and ids.shape[1] == int(mask.sum(1).max())
+    assert ids.shape[0] < batch_size  # some rows hold several samples
+    seen = []
+    for r, a, b in segments(batch):
+        s = int(ids[r, a]) // 1000 - 1
+        seen.append(s)
+        assert torch.equal(ids[r, a:b], items[s]["input_ids"]) and torch.equal(pos[r, a:b], torch.arange(b - a))
+        assert labels[r, a] == -100 and torch.equal(labels[r, a + 1:b], items[s]["labels"][1:])
+        if b - a == max_len:
+            assert int(mask[r].sum()) == max_len  # a full-length sample fills its row alone
+    assert sorted(seen) == list(range(batch_size))
+    pads = mask == 0
+    assert bool((ids[pads] == 7).all()) and bool((labels[pads] == -100).all())
+    for r in range(ids.shape[0]):  # the padding at a row's end restarts its positions
+        n = int(mask[r].sum())
+        assert torch.equal(pos[r, n:], torch.arange(ids.shape[1] - n))
+    # The loss sees the same (context token, target) pairs as with padding, and nothing else.
+    padded = collate_lm(items, pad_id=7)
+    assert target_pairs(ids, labels) == target_pairs(padded["input_ids"], padded["labels"])
+    assert torch.equal(batch["supervised"], padded["supervised"])
+
+
+def test_dpo_collates_carry_sample_index(tok):
+    ds = DPODataset(DEMO / "dpo.jsonl", tok, max_length=48)
+    items = [ds[i] for i in range(6)]
+    seqs = [it["chosen_input_ids"] for it in items] + [it["rejected_input_ids"] for it in items]
+    labs = [it["chosen_labels"] for it in items] + [it["rejected_labels"] for it in items]
+    padded = collate_dpo(items)
+    for s, seq in enumerate(seqs):
+        assert padded["sample_index"][s].tolist() == [s] * len(seq) + [-1] * (padded["input_ids"].shape[1] - len(seq))
+    packed = collate_dpo_packed(items, max_len=96)
+    assert packed["input_ids"].shape[0] < 12
+    idx = packed["sample_index"]
+    assert bool((packed["attention_mask"].bool() == (idx >= 0)).all())
+    for s, (seq, lab) in enumerate(zip(seqs, labs)):
+        where = idx == s
+        assert torch.equal(packed["input_ids"][where], seq) and torch.equal(packed["position_ids"][where],
+                                                                           torch.arange(len(seq)))
+        assert packed["labels"][where][0] == -100 and torch.equal(packed["labels"][where][1:], lab[1:])
+    assert packed["supervised"].tolist() == padded["supervised"].tolist() == [int((x[1:] != -100).sum()) for x in labs]
+    assert target_pairs(packed["input_ids"], packed["labels"]) == target_pairs(padded["input_ids"], padded["labels"])
+
+
 def test_rlaif_prompt_answer_uses_real_roles(tok, tmp_path):
     convo = [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "3+4=?"},
              {"role": "assistant", "content": "7"}]
@@ -182,29 +321,102 @@ def test_rlaif_prompt_answer_uses_real_roles(tok, tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 # Errors
 
+def quoted_line(text, prefix):
+    return next(line for line in text.splitlines() if line.startswith("  " + prefix))
+
+
+GOOD = {"text": "fine", "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
+
+
 @pytest.mark.parametrize("cls,line,message", [
-    (PretrainDataset, '{"text": "ok"', "not valid JSON"),
+    (PretrainDataset, '{"text": "ok"', "not valid JSON (Expecting ',' delimiter at the end of the line)"),
     (PretrainDataset, '{"txt": "ok"}', 'no string field "text"'),
+    (PretrainDataset, b'{"text": "\xff"}', "not UTF-8 text"),
     (SFTDataset, '{"conversations": []}', "empty"),
     (SFTDataset, '{"conversations": [{"role": "robot", "content": "hi"}]}', "role 'robot'"),
+    (SFTDataset, '{"conversations": [{"role": ["user"], "content": "hi"}]}', "role ['user']"),
     (SFTDataset, '{"conversations": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
     (SFTDataset, '{"conversations": [{"role": "user"}, {"role": "assistant", "content": "x"}]}', 'no "content"'),
+    (SFTDataset, '{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", '
+                 '"tool_calls": "[{\\"arguments\\": {}}]"}]}', "tool_calls must be a list"),
+    (SFTDataset, '{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
+                 '"tools": {"name": "add"}}', '"tools"/"functions" must be a list'),
     (DPODataset, '{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
                  '"rejected": []}', '"rejected" is missing, empty'),
     (RLAIFDataset, '{"conversations": [{"role": "assistant", "content": "7"}]}', "prompt message"),
-    (RLAIFDataset, '[1, 2]', "not an object"),
+    (RLAIFDataset, '[1, 2]', "a JSON list, not an object"),
 ])
-def test_malformed_line_names_file_and_line(tok, tmp_path, cls, line, message):
-    good = {"text": "fine", "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-            "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
-    path = write_jsonl(tmp_path / "bad.jsonl", [good, "", line])
-    ds = cls(path, tok)
+def test_bad_line_found_at_startup_or_skipped(tok, tmp_path, capsys, cls, line, message):
+    """Every line is checked when the dataset is built; the error names file:line and the way out, and
+    skip_bad_lines drops the line from the index and says so."""
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else
+                               (r if isinstance(r, str) else json.dumps(r)).encode()) + b"\n"
+                              for r in [GOOD, "", line, GOOD]))
+    with pytest.raises(DataFormatError) as e:
+        cls(path, tok)
+    text = str(e.value)
+    assert f"1 bad line of 4 in {path}" in text and message in quoted_line(text, f"{path}:3: ")
+    assert "--skip_bad_lines 1" in text
+    ds = cls(path, tok, skip_bad_lines=True)
+    assert len(ds) == 2 and ds.skipped_lines == 1
+    assert ds[0] == ds[1] if cls is RLAIFDataset else torch.equal(ds[0][next(iter(ds[0]))], ds[1][next(iter(ds[1]))])
+    out = capsys.readouterr().out
+    assert out.count(f"skipped 1 bad line of 4 in {path}") == 1 and message in quoted_line(out, f"{path}:3: ")
+
+
+def test_bad_line_late_in_file_lists_first_five_and_counts_all(tok, tmp_path):
+    records = [{"text": f"doc {i}"} for i in range(2000)]
+    for i in (1800, 1850, 1900, 1901, 1950, 1990, 1999):  # 0-based records -> lines i + 1
+        records[i] = {"text": i}
+    path = write_jsonl(tmp_path / "pre.jsonl", records)
+    with pytest.raises(DataFormatError) as e:
+        PretrainDataset(path, tok)
+    text = str(e.value)
+    assert text.startswith(f"7 bad lines of 2000 in {path}")
+    assert re.findall(r":(\d+): ", text) == ["1801", "1851", "1901", "1902", "1951"]
+    ds = PretrainDataset(path, tok, skip_bad_lines=True, target_sample=0)
+    assert len(ds) == 1993 and ds.skipped_lines == 7
+    assert tok.decode(ds[1992]["input_ids"]) == "<|im_start|>doc 1998<|im_end|>"
+
+
+def test_wrong_file_for_the_stage_stops_early(tok, tmp_path):
+    path = write_jsonl(tmp_path / "pretrain.jsonl", [{"text": "x"}] * 1500)
+    with pytest.raises(DataFormatError) as e:
+        SFTDataset(path, tok, skip_bad_lines=True)
+    assert "1000 bad lines of 1000" in str(e.value) and "right file for this stage" in str(e.value)
+
+
+def test_directory_and_empty_files(tok, tmp_path):
+    write_jsonl(tmp_path / "sft_512.jsonl", [GOOD])
+    with pytest.raises(DataFormatError, match="is a directory, not a JSONL file .it holds sft_512.jsonl."):
+        SFTDataset(tmp_path, tok)
+    for content in ("", "\n  \n\n"):
+        (tmp_path / "empty.jsonl").write_text(content)
+        with pytest.raises(DataFormatError, match=f"{tmp_path / 'empty.jsonl'} has no records: it is empty"):
+            PretrainDataset(tmp_path / "empty.jsonl", tok)
+    write_jsonl(tmp_path / "allbad.jsonl", ["{", '{"text": 1}'])
+    with pytest.raises(DataFormatError, match="no good line is left after skipping 2 bad ones"):
+        PretrainDataset(tmp_path / "allbad.jsonl", tok, skip_bad_lines=True)
+
+
+def test_byte_order_mark_and_crlf_lines(tok, tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "aa"}\r\n\r\n{"text": "bb"}')  # no newline at the end either
+    ds = PretrainDataset(path, tok)
+    assert [tok.decode(ds[i]["input_ids"]) for i in range(2)] == ["<|im_start|>aa<|im_end|>", "<|im_start|>bb<|im_end|>"]
+
+
+def test_line_changed_after_startup_still_names_file_and_line(tok, tmp_path):
+    path = write_jsonl(tmp_path / "pre.jsonl", [{"text": "aa"}, "", "", {"text": "bb"}])
+    ds = PretrainDataset(path, tok, target_sample=0)  # (no read before the change: reads are buffered)
+    path.write_text(path.read_text().replace('{"text": "bb"}', '{"text": 12}!'))  # same offsets
     ds[0]
     with pytest.raises(DataFormatError) as e:
         ds[1]
-    assert str(e.value).startswith(f"{path}:3: ")
-    assert message in str(e.value) and "expected" in str(e.value)
+    assert str(e.value).startswith(f"{path}:4: not valid JSON (Extra data at character 13)")
 
 
 def test_missing_file_says_where_data_comes_from(tok, tmp_path):
@@ -229,7 +441,7 @@ DEMO_SETS = [("pretrain.jsonl", PretrainDataset), ("sft.jsonl", SFTDataset), ("d
 
 @pytest.mark.parametrize("name,cls", DEMO_SETS)
 def test_demo_files_parse(tok, name, cls):
-    ds = cls(DEMO / name, tok)
+    ds = cls(DEMO / name, tok, target_sample=0)  # every item is checked below
     assert len(ds) >= 100
     for i in range(len(ds)):
         item = ds[i]
