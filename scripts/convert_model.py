@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from model.model_minimind import YARN, MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 from trainer.chat_utils import add_model_args, is_hf_dir, load_model, resolve_model_paths  # noqa: E402
-from trainer.trainer_utils import UserError, run_main, save_weights, weight_path  # noqa: E402
+from trainer.trainer_utils import UserError, run_main, save_weights, sidecar_path, weight_path  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_FILE = ROOT / "model" / "model_minimind.py"
@@ -93,8 +93,6 @@ def llama_refusal(config) -> str | None:
     if config.headwise_attn_output_gate:
         why.append("it has the head-wise attention output gate (headwise_attn_output_gate=1), and Llama's "
                    "attention has no gate on its output (q_proj would also have the wrong shape)")
-    if config.hidden_act != "silu":
-        why.append(f"its FFN activation is {config.hidden_act}, Llama's checkpoints here use silu")
     if not why:
         return None
     return ("--format llama cannot represent this model: " + "; ".join(why) + ". Use --format hf (the same "
@@ -388,18 +386,19 @@ def verify_export(out: Path, fmt: str) -> str:
     return check_close(*max_logit_diff(native, loaded, config.vocab_size), f"{type(loaded).__name__} vs native")
 
 
-def verify_import(folder: Path, kind: str, args) -> str:
+def verify_import(folder: Path, kind: str, config: MiniMindConfig, args) -> str:
     """Load the written .pth as eval_llm.py does and compare with the folder's model (our classes, no remote code)."""
     from transformers import LlamaForCausalLM
-    ref_cls = LlamaForCausalLM if kind == "llama" else MiniMindForCausalLM
-    ref = ref_cls.from_pretrained(folder, dtype=torch.float32)
+    ref = (LlamaForCausalLM if kind == "llama" else MiniMindForCausalLM).from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():  # the native file is fp16 by convention: compare the mapping, not that rounding
+        for t in ref.state_dict().values():
+            t.copy_(t.half())
     p = argparse.ArgumentParser()
     add_model_args(p)
-    eval_args = p.parse_args(["--weight", args.save_weight, "--save_dir", args.save_dir, "--tokenizer_path",
-                              str(folder)] + (["--inference_rope_scaling"] if ref.config.rope_parameters and
-                                              ref.config.rope_parameters.get("rope_type") == "yarn" else []))
-    native, _ = load_model(eval_args)
-    return check_close(*max_logit_diff(ref, native, ref.config.vocab_size), "eval_llm's load vs the folder")
+    yarn = ["--inference_rope_scaling"] if config.inference_rope_scaling else []
+    native, _ = load_model(p.parse_args(["--weight", args.save_weight, "--save_dir", args.save_dir,
+                                         "--tokenizer_path", str(folder), *yarn]))
+    return check_close(*max_logit_diff(ref, native, config.vocab_size), "eval_llm's load vs the folder")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -439,8 +438,15 @@ def main(argv=None):
                      source=str(folder), source_format=kind, tokenizer_path=tok, args=vars(args))
         print(f"wrote {path} (+ .json sidecar) from {folder} ({kind})")
         if args.verify:
-            print(verify_import(folder, kind, args))
-        print(f"chat with it: python eval_llm.py --weight {args.save_weight} --save_dir {args.save_dir}")
+            try:
+                print(verify_import(folder, kind, config, args))
+            except UserError as e:  # leave nothing behind that eval_llm.py would load wrongly
+                for f in (path, sidecar_path(path)):
+                    os.remove(f)
+                raise UserError(f"{e}; removed {path}") from None
+        # YaRN is a load-time switch of the native loaders, not part of the weights
+        yarn = " --inference_rope_scaling" if config.inference_rope_scaling else ""
+        print(f"chat with it: python eval_llm.py --weight {args.save_weight} --save_dir {args.save_dir}{yarn}")
         return
 
     # -------------------------------------------------------------------- native .pth -> transformers folder
@@ -458,7 +464,11 @@ def main(argv=None):
     print(f"wrote {out} ({args.format}, {args.dtype})")
     if args.verify:
         del model
-        print(verify_export(out, args.format))
+        try:
+            print(verify_export(out, args.format))
+        except UserError as e:
+            shutil.rmtree(out)
+            raise UserError(f"{e}; removed {out}") from None
     if args.format == "hf":
         print(f"load it: AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)")
     else:

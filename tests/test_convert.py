@@ -94,9 +94,11 @@ res["module"] = type(m).__module__
 res["repo_imported"] = any(k == "model" or k.startswith(("model.", "trainer")) for k in sys.modules)
 with torch.no_grad():
     torch.save(m(torch.tensor(job["ids"])).logits, job["logits_out"])
-tok = AutoTokenizer.from_pretrained(job["moe"])
-res["chat"] = [tok.apply_chat_template(c["messages"], tools=c.get("tools"), tokenize=False,
-                                       add_generation_prompt=True) for c in job["conversations"]]
+# plain (transformers asks about config.json's custom code, stdin is empty: "no", so it falls back) and trusted
+for key, kw in [("chat", {}), ("chat_trusted", {"trust_remote_code": True})]:
+    tok = AutoTokenizer.from_pretrained(job["moe"], **kw)
+    res[key] = [tok.apply_chat_template(c["messages"], tools=c.get("tools"), tokenize=False,
+                                        add_generation_prompt=True) for c in job["conversations"]]
 res["ids"] = [tok.encode(t) for t in res["chat"]]
 g = AutoModelForCausalLM.from_pretrained(job["chain"], trust_remote_code=True, dtype=torch.float32).eval()
 prompt = torch.tensor([[1, job["first"]]])
@@ -133,9 +135,10 @@ def clean_load(tmp_path_factory):
     (tmp / "loader.py").write_text(CLEAN_LOADER)
     env = script_env(tmp)
     env.pop("PYTHONPATH", None)
+    env["HF_MODULES_CACHE"] = str(tmp / "hf_modules")  # where trust_remote_code copies the folder's code
     # cwd outside the repo and the script outside it: nothing of ours is importable, only the folder's copied code
     out = subprocess.run([sys.executable, str(tmp / "loader.py"), str(tmp / "job.json")], cwd=tmp, env=env,
-                         capture_output=True, text=True, timeout=120)
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-4000:]
     return tmp, json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -159,7 +162,7 @@ def test_folder_tokenizer_renders_the_repo_template_and_generate_stops_at_im_end
     _, tok = native(tmp / "out")
     want = [tok.apply_chat_template(c["messages"], tools=c.get("tools"), tokenize=False, add_generation_prompt=True)
             for c in CONVERSATIONS]
-    assert res["chat"] == want and "<tools>" in want[1] and "<think>" in want[0]
+    assert res["chat"] == res["chat_trusted"] == want and "<tools>" in want[1] and "<think>" in want[0]
     assert res["ids"] == [tok.encode(t) for t in want]
     tcfg = json.loads((tmp / "moe_hf" / "tokenizer_config.json").read_text())
     assert tcfg["chat_template"] and tcfg["tokenizer_class"] == "PreTrainedTokenizerFast"
@@ -201,10 +204,11 @@ def test_round_trip_back_to_pth_is_bit_identical(tmp_path):
     the same model config. bf16 is lossy by design: the result is exactly the original rounded to bf16."""
     src = make_native(tmp_path / "out")
     orig = torch.load(src, weights_only=True)
-    for fmt, dtype in [("hf", "fp16"), ("hf", "fp32"), ("llama", "fp16"), ("hf", "bf16")]:
-        name = f"rt_{fmt}_{dtype}"
+    for fmt, dtype, *flag in [("hf", "fp16"), ("hf", "fp32"), ("llama", "fp16"), ("hf", "bf16"),
+                              ("hf", "fp16", "--inference_rope_scaling"), ("llama", "fp32", "--inference_rope_scaling")]:
+        name = f"rt_{fmt}_{dtype}{'_yarn' if flag else ''}"
         convert("--weight", "full_sft", "--save_dir", tmp_path / "out", "--format", fmt, "--dtype", dtype,
-                "--out", tmp_path / name)
+                "--out", tmp_path / name, *flag)
         convert("--from_hf", tmp_path / name, "--save_weight", name, "--save_dir", tmp_path / "out")
         back = torch.load(weight_path(str(tmp_path / "out"), name, 64, False), weights_only=True)
         assert list(back) == list(orig) and all(v.dtype == torch.float16 for v in back.values())
@@ -219,6 +223,7 @@ def test_round_trip_back_to_pth_is_bit_identical(tmp_path):
                     "headwise_attn_output_gate", "max_position_embeddings"):
             assert side["model_config"][key] == first[key], (name, key)
         assert side["stage"] == "convert" and side["tokenizer_path"] == str(tmp_path / name)
+        assert side["model_config"]["inference_rope_scaling"] == bool(flag)
 
 
 def test_lora_merged_export_equals_eval_llm_with_lora(tmp_path):
@@ -285,3 +290,40 @@ def test_strict_key_checks_name_the_tensors(tmp_path):
         (tmp_path / "mine").mkdir()
         (tmp_path / "mine" / "notes.txt").write_text("keep me")
         cm.export_model(model, tok, tmp_path / "mine")
+
+
+def test_foreign_llama_folder_imports_with_its_own_eps_theta_and_sizes(tmp_path):
+    """A Llama folder saved by transformers itself (fp32, rms_norm_eps 1e-6, rope_theta 1e4, untypical FFN width)
+    becomes a native file that eval_llm's loader turns back into the same function (up to the fp16 storage)."""
+    import shutil
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    kw = dict(vocab_size=6400, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=4096,
+              tie_word_embeddings=True)
+    llama = LlamaForCausalLM(LlamaConfig(**kw))
+    with torch.no_grad():
+        for p in llama.parameters():
+            p.copy_((0.3 * torch.randn_like(p)).half())  # fp16-exact values, so the native file loses nothing
+    llama.save_pretrained(tmp_path / "foreign")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(ROOT / "model" / f, tmp_path / "foreign" / f)
+    convert("--from_hf", tmp_path / "foreign", "--save_weight", "foreign", "--save_dir", tmp_path / "out")
+    model, _ = native(tmp_path / "out", weight="foreign")
+    assert model.config.rms_norm_eps == 1e-6 and model.config.rope_theta == 1e4
+    torch.testing.assert_close(logits(model), logits(llama), rtol=0, atol=1e-5)
+
+    LlamaForCausalLM(LlamaConfig(**kw, attention_bias=True)).save_pretrained(tmp_path / "biased")
+    with pytest.raises(UserError, match="biases"):
+        convert("--from_hf", tmp_path / "biased", "--save_weight", "biased", "--save_dir", tmp_path / "out")
+
+
+def test_a_conversion_that_fails_verification_leaves_nothing_behind(tmp_path, monkeypatch):
+    make_native(tmp_path / "out")
+    convert("--weight", "full_sft", "--save_dir", tmp_path / "out", "--out", tmp_path / "hf")
+    monkeypatch.setattr(cm, "max_logit_diff", lambda *a: (0.5, 2.0))  # as if the mapping were wrong
+    with pytest.raises(UserError, match="verification failed: .* differ by 0.5.*removed"):
+        convert("--weight", "full_sft", "--save_dir", tmp_path / "out", "--out", tmp_path / "hf2")
+    with pytest.raises(UserError, match="verification failed"):
+        convert("--from_hf", tmp_path / "hf", "--save_weight", "back", "--save_dir", tmp_path / "out")
+    assert not (tmp_path / "hf2").exists() and not list((tmp_path / "out").glob("back_*"))
