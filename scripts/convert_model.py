@@ -30,6 +30,7 @@ lm_head.weight is left out of the safetensors file and config.json says tie_word
 import argparse
 import json
 import os
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -251,8 +252,10 @@ def read_config_json(folder: Path) -> dict:
     if not path.exists():
         raise UserError(f"{folder} has no config.json; --from_hf needs a transformers model folder "
                         "(e.g. one written by --format hf or --format llama)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); re-export the folder") from None
 
 
 def minimind_config_from_llama(folder: Path):
@@ -303,16 +306,25 @@ def read_folder_config(folder: Path):
 
 def read_folder_tensors(folder: Path) -> dict:
     """All tensors of model.safetensors, a sharded model.safetensors.index.json, or a pytorch_model.bin."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    if (folder / "model.safetensors").exists():
-        return load_file(folder / "model.safetensors")
     index = folder / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for s in shards for k, v in load_file(folder / s).items()}
-    if (folder / "pytorch_model.bin").exists():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise UserError(f"{folder} has no model.safetensors (or index / pytorch_model.bin); is it a model folder?")
+    if (folder / "model.safetensors").exists():
+        files = [folder / "model.safetensors"]
+    elif index.exists():
+        files = [folder / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    elif (folder / "pytorch_model.bin").exists():
+        files = [folder / "pytorch_model.bin"]
+    else:
+        raise UserError(f"{folder} has no model.safetensors (or index / pytorch_model.bin); is it a model folder?")
+    sd = {}
+    for f in files:
+        try:
+            sd.update(torch.load(f, map_location="cpu", weights_only=True) if f.suffix == ".bin" else load_file(f))
+        except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as e:
+            raise UserError(f"{f} cannot be read ({type(e).__name__}: {e}); the file is damaged or incomplete, "
+                            "re-export or re-download it") from None
+    return sd
 
 
 def import_folder(folder) -> tuple[MiniMindConfig, dict]:

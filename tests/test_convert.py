@@ -13,6 +13,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,31 +200,49 @@ def test_llama_folder_gives_native_logits_with_and_without_yarn(tmp_path):
             assert (logits(native(tmp_path / "out")[0]) - logits(model)).abs().max() > 1e-3  # YaRN did change them
 
 
+def round_trip(save_dir, name, fmt, dtype, *flag, moe=False):
+    """native full_sft -> folder -> native {name}: (tensors read back, their sidecar)."""
+    convert("--weight", "full_sft", "--save_dir", save_dir, "--format", fmt, "--dtype", dtype,
+            "--out", save_dir.parent / name, *flag)
+    convert("--from_hf", save_dir.parent / name, "--save_weight", name, "--save_dir", save_dir)
+    path = weight_path(str(save_dir), name, 64, moe)
+    return torch.load(path, weights_only=True), json.loads(Path(path[:-4] + ".json").read_text())
+
+
+def bits_equal(a: dict, b: dict) -> bool:
+    """Same keys in the same order, all fp16, equal bit patterns (so -0.0 vs 0.0 or NaN payloads would count)."""
+    return list(a) == list(b) and all(a[k].dtype == b[k].dtype == torch.float16 and
+                                      torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)) for k in a)
+
+
 def test_round_trip_back_to_pth_is_bit_identical(tmp_path):
-    """fp16 .pth -> folder (hf fp16, hf fp32, llama fp16) -> .pth: same keys in the same order, fp16, equal bits, and
-    the same model config. bf16 is lossy by design: the result is exactly the original rounded to bf16."""
+    """fp16 .pth -> folder (hf fp16/fp32, llama fp16/fp32, with and without YaRN; MoE + gate through hf) -> .pth gives
+    the same tensors bit for bit and the same model config. bf16 is lossy by design: the result is exactly the
+    original rounded to bf16 (fp16 has 3 more mantissa bits)."""
+    yarn = "--inference_rope_scaling"
     src = make_native(tmp_path / "out")
     orig = torch.load(src, weights_only=True)
-    for fmt, dtype, *flag in [("hf", "fp16"), ("hf", "fp32"), ("llama", "fp16"), ("hf", "bf16"),
-                              ("hf", "fp16", "--inference_rope_scaling"), ("llama", "fp32", "--inference_rope_scaling")]:
+    first = json.loads(Path(src[:-4] + ".json").read_text())["model_config"]
+    for fmt, dtype, *flag in [("hf", "fp16"), ("hf", "fp32"), ("llama", "fp16"), ("hf", "fp16", yarn),
+                              ("llama", "fp32", yarn)]:
         name = f"rt_{fmt}_{dtype}{'_yarn' if flag else ''}"
-        convert("--weight", "full_sft", "--save_dir", tmp_path / "out", "--format", fmt, "--dtype", dtype,
-                "--out", tmp_path / name, *flag)
-        convert("--from_hf", tmp_path / name, "--save_weight", name, "--save_dir", tmp_path / "out")
-        back = torch.load(weight_path(str(tmp_path / "out"), name, 64, False), weights_only=True)
-        assert list(back) == list(orig) and all(v.dtype == torch.float16 for v in back.values())
-        want = {k: v.to(torch.bfloat16).half() for k, v in orig.items()} if dtype == "bf16" else orig
-        assert all(torch.equal(back[k].view(torch.int16), want[k].view(torch.int16)) for k in orig), name
-        if dtype == "bf16":
-            assert not all(torch.equal(back[k], orig[k]) for k in orig)
-        side = json.loads(open(weight_path(str(tmp_path / "out"), name, 64, False)[:-4] + ".json").read())
-        first = json.loads(open(src[:-4] + ".json").read())["model_config"]
+        back, side = round_trip(tmp_path / "out", name, fmt, dtype, *flag)
+        assert bits_equal(back, orig), name
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                     "intermediate_size", "vocab_size", "rope_theta", "rms_norm_eps", "use_moe",
                     "headwise_attn_output_gate", "max_position_embeddings"):
             assert side["model_config"][key] == first[key], (name, key)
-        assert side["stage"] == "convert" and side["tokenizer_path"] == str(tmp_path / name)
         assert side["model_config"]["inference_rope_scaling"] == bool(flag)
+        assert side["stage"] == "convert" and side["tokenizer_path"] == str(tmp_path / name)
+
+    back, _ = round_trip(tmp_path / "out", "rt_bf16", "hf", "bf16")
+    assert bits_equal(back, {k: v.to(torch.bfloat16).half() for k, v in orig.items()})
+    assert not bits_equal(back, orig)
+
+    src = make_native(tmp_path / "moe", moe=True, gate=True)
+    back, side = round_trip(tmp_path / "moe", "rt_moe", "hf", "fp16", moe=True)
+    assert bits_equal(back, torch.load(src, weights_only=True))
+    assert side["model_config"]["use_moe"] and side["model_config"]["headwise_attn_output_gate"]
 
 
 def test_lora_merged_export_equals_eval_llm_with_lora(tmp_path):
@@ -282,6 +301,9 @@ def test_strict_key_checks_name_the_tensors(tmp_path):
     broken({**good, q: good[q][:64].clone()}, r"wrong shapes: .*q_proj.weight \(64, 64\) \(expected \(68, 64\)\)")
     broken({**good, "lm_head.weight": good["model.embed_tokens.weight"] + 1}, "lm_head that differs")
 
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="model.safetensors cannot be read .*damaged"):
+        cm.import_folder(folder)
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2"}))
     with pytest.raises(UserError, match="model_type 'qwen2'"):
