@@ -228,6 +228,9 @@ def export_model(model, tokenizer, out, fmt: str = "hf", dtype: torch.dtype = to
     tmp.mkdir(parents=True)
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600; make it like the other files
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         GenerationConfig(**ids).save_pretrained(tmp)
         write_tokenizer(tokenizer, tmp)
