@@ -3,10 +3,12 @@
     python -m pytest tests/test_convert.py -q
 
 What is shown: the remote-code folder (MoE + head-wise gate) loads through AutoModelForCausalLM in a clean interpreter
-that never imports this repo and gives the native logits; the Llama folder (dense, gate off, also with YaRN) gives
-them through LlamaForCausalLM; HF generate with the saved generation_config stops at <|im_end|>; fp16 -> folder (fp16,
-fp32) -> fp16 is bit-identical; a LoRA-merged export equals what eval_llm loads with --lora_weight; MoE/gated models
-are refused for Llama; key mismatches stop with a message naming the keys.
+that never imports this repo (one CLI run writes it) and gives the native logits; its tokenizer renders the repo's chat
+template; the Llama folder (dense, gate off, also with YaRN) gives them through LlamaForCausalLM; HF generate with the
+saved generation_config stops at <|im_end|>; fp16 .pth -> folder (fp16/fp32, hf/llama, MoE + gate) -> .pth is
+bit-identical, bf16 is exactly the bf16 rounding; a LoRA-merged export equals what eval_llm loads with --lora_weight;
+a Llama folder saved by transformers itself imports with its own eps/theta/sizes; MoE/gated models are refused for
+Llama; key mismatches and damaged files stop with a message naming them; a failed verification leaves no output.
 """
 import argparse
 import importlib.util
@@ -66,8 +68,8 @@ def logits(model, ids=IDS):
 
 def make_chain_model(save_dir):
     """A MoE + gate model whose greedy continuation of `a` is b, c, <|im_end|>, <|im_end|>, ...: every block's output
-    projection is zero, so the residual stream is the token's embedding, and the tied embeddings place a, b, c, end on
-    a circle with growing radius so that each token's best match is the next one (the final norm sharpens it)."""
+    projection is zero, so the residual stream is the token's embedding, and the tied embeddings put a, b, c, end on
+    rays 60 degrees apart with radii 1, 3, 9, 27: each token's best match is the next; the final norm sharpens it."""
     path = make_native(save_dir, moe=True, gate=True, std=0.02)
     sd = torch.load(path, weights_only=True)
     for k in sd:
