@@ -83,7 +83,8 @@ def build_native_model(args):
         cfg[key] = type(cfg[key])(given)
     extra = {k: file_cfg[k] for k in ("num_attention_heads", "num_key_value_heads", "vocab_size",
                                       "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
-                                      "intermediate_size", "rope_theta") if k in file_cfg}
+                                      "intermediate_size", "rope_theta", "rms_norm_eps", "max_position_embeddings",
+                                      "norm_topk_prob") if k in file_cfg}
     config = MiniMindConfig(**cfg, **extra, inference_rope_scaling=args.inference_rope_scaling)
     model = MiniMindForCausalLM(config)
     load_weights(model, path, config)

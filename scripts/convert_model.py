@@ -1,0 +1,494 @@
+"""Convert MiniMind weights between the native format (.pth + sidecar JSON) and transformers folders.
+
+    python scripts/convert_model.py --weight full_sft --format hf --out MiniMind-hf          # any model (MoE, gate)
+    python scripts/convert_model.py --weight full_sft --format llama --out MiniMind-llama    # dense, gate off only
+    python scripts/convert_model.py --weight full_sft --lora_weight lora_identity --out MiniMind-identity
+    python scripts/convert_model.py --from_hf MiniMind-hf --save_weight full_sft_hf          # -> out/full_sft_hf_*.pth
+
+Export (native -> folder). The model is picked exactly as eval_llm.py picks it (--weight/--save_dir/--lora_weight,
+sizes and flags from the sidecar JSON beside the .pth; a LoRA is merged into the base first). The folder holds
+model.safetensors, config.json, generation_config.json (eos_token_id includes <|im_end|>, so generate/vLLM stop at
+the end of a turn) and the tokenizer files (tokenizer.json, tokenizer_config.json with the chat template inline).
+  --format hf     config.json has model_type "minimind" and an auto_map; model/model_minimind.py is copied beside it,
+                  so AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) loads any MiniMind model.
+  --format llama  a plain LlamaForCausalLM folder without remote code (llama.cpp, vLLM, ollama read it). Only a dense
+                  model with the attention output gate off has a Llama equivalent; MoE or gated models are refused.
+                  --inference_rope_scaling is written as Llama's rope_scaling {"rope_type": "yarn", ...} with
+                  MiniMind's numbers (factor 16 over 2048 positions, attention_factor 1.0).
+Import (folder -> native): a folder written by this tool, or any transformers folder of model_type minimind or llama
+that fits MiniMind (dense Llama: no biases, SiLU, tied embeddings), -> {save_dir}/{save_weight}_{hidden}{_moe}.pth in
+fp16 (MiniMind's convention) + sidecar JSON. The folder's code is never executed: our own classes read it.
+
+Both ways the tensors are checked strictly (every key present, no extras, equal shapes) and the result is verified:
+the written model is loaded back (export: through transformers; import: the way eval_llm.py loads it) and its logits
+are compared with the source on a probe sequence (--verify 0 skips this).
+
+Lossless: native fp16 -> folder in fp16 or fp32 -> native gives bit-identical tensors. bf16 rounds fp16 weights
+(3 fewer mantissa bits), so a bf16 round trip is not bit-identical. Tied weights are stored the transformers way:
+lm_head.weight is left out of the safetensors file and config.json says tie_word_embeddings=true.
+"""
+import argparse
+import json
+import os
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from model.model_minimind import YARN, MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from trainer.chat_utils import add_model_args, is_hf_dir, load_model, resolve_model_paths  # noqa: E402
+from trainer.trainer_utils import UserError, run_main, save_weights, sidecar_path, weight_path  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODEL_FILE = ROOT / "model" / "model_minimind.py"
+TIED_KEY, EMBED_KEY = "lm_head.weight", "model.embed_tokens.weight"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# what an export folder may hold: an existing --out with anything else is not ours to replace
+OUR_FILES = {"config.json", "generation_config.json", "model.safetensors", "chat_template.jinja", *TOKENIZER_FILES}
+# config.json entries that describe the file, not the model (dropped when building MiniMindConfig from it)
+FILE_KEYS = {"auto_map", "architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
+             "model_type", "rope_parameters", "rope_scaling"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Strict checks
+
+
+def check_tensors(got: dict, expected: dict, what: str, fix: str) -> None:
+    """Every expected key present, no extras, equal shapes; otherwise one message naming the keys."""
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    shapes = [f"{k} {tuple(got[k].shape)} (expected {tuple(expected[k].shape)})"
+              for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k].shape)]
+    if missing or extra or shapes:
+        parts = [f"missing {len(missing)}: {missing[:4]}" if missing else "",
+                 f"unexpected {len(extra)}: {extra[:4]}" if extra else "",
+                 f"wrong shapes: {shapes[:3]}" if shapes else ""]
+        raise UserError(f"{what}: the tensors do not fit the model ({'; '.join(p for p in parts if p)}). {fix}")
+
+
+def expected_tensors(model_cls, config) -> dict:
+    """The state_dict a model of this class and config must have (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        return model_cls(config).state_dict()
+
+
+def is_tied(model) -> bool:
+    return model.lm_head.weight is model.model.embed_tokens.weight
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Export: native model -> transformers folder
+
+
+def llama_refusal(config) -> str | None:
+    """Why this MiniMind config has no LlamaForCausalLM equivalent (None if it has one)."""
+    why = []
+    if config.use_moe:
+        why.append("it is MoE (use_moe=1), and Llama's FFN is one dense SwiGLU, with no router or experts")
+    if config.headwise_attn_output_gate:
+        why.append("it has the head-wise attention output gate (headwise_attn_output_gate=1), and Llama's "
+                   "attention has no gate on its output (q_proj would also have the wrong shape)")
+    if not why:
+        return None
+    return ("--format llama cannot represent this model: " + "; ".join(why) + ". Use --format hf (the same "
+            "folder layout with the MiniMind model code beside it, loaded with trust_remote_code=True), or train a "
+            "dense model with --use_moe 0 --headwise_attn_output_gate 0 for Llama runtimes.")
+
+
+def minimind_rope_scaling(config) -> dict | None:
+    """MiniMind's YaRN as Llama's rope_scaling, or None. MiniMind applies it only when max_position_embeddings
+    exceeds the 2048 trained positions; transformers' YaRN always applies, so the condition is checked here."""
+    if not config.inference_rope_scaling or config.max_position_embeddings <= YARN["original_max_position_embeddings"]:
+        return None
+    return {"rope_type": "yarn", "factor": float(YARN["factor"]), "beta_fast": float(YARN["beta_fast"]),
+            "beta_slow": float(YARN["beta_slow"]), "attention_factor": float(YARN["attention_factor"]),
+            "original_max_position_embeddings": YARN["original_max_position_embeddings"]}
+
+
+def llama_config_for(config, tokenizer_ids: dict):
+    from transformers import LlamaConfig
+    scaling = minimind_rope_scaling(config)
+    rope = {"rope_type": "default", "rope_theta": float(config.rope_theta)} if scaling is None \
+        else {**scaling, "rope_theta": float(config.rope_theta)}
+    return LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.hidden_size // config.num_attention_heads,
+        hidden_act="silu", max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=rope, tie_word_embeddings=True, attention_bias=False, mlp_bias=False, **tokenizer_ids,
+    )
+
+
+def config_json(config, fmt: str, dtype: torch.dtype, tokenizer_ids: dict) -> tuple[dict, object]:
+    """(config.json contents, the transformers config the target class is built from)."""
+    if fmt == "llama":
+        target = llama_config_for(config, tokenizer_ids)
+        d = target.to_dict()
+        d["architectures"] = ["LlamaForCausalLM"]
+        # transformers 4.x, vLLM and llama.cpp's converter read these top-level names; transformers 5 reads both
+        d["rope_theta"] = float(config.rope_theta)
+        if minimind_rope_scaling(config):
+            d["rope_scaling"] = minimind_rope_scaling(config)
+    else:
+        target = MiniMindConfig(**{k: v for k, v in config.to_dict().items() if k not in FILE_KEYS})
+        target.pad_token_id = tokenizer_ids["pad_token_id"]
+        d = target.to_dict()
+        d["architectures"] = ["MiniMindForCausalLM"]
+        d["auto_map"] = {"AutoConfig": "model_minimind.MiniMindConfig",
+                         "AutoModelForCausalLM": "model_minimind.MiniMindForCausalLM"}
+    d["dtype"] = d["torch_dtype"] = str(dtype).removeprefix("torch.")  # "torch_dtype" for transformers 4.x readers
+    return d, target
+
+
+def export_tensors(model, dtype: torch.dtype, expected: dict) -> dict:
+    """The model's tensors in `dtype`, without the tied lm_head (safetensors cannot hold a tensor twice; transformers
+    leaves the tied key out and re-ties it on load), checked against the target class's state_dict."""
+    sd = model.state_dict()
+    if is_tied(model):
+        sd.pop(TIED_KEY)
+        expected = {k: v for k, v in expected.items() if k != TIED_KEY}
+    check_tensors(sd, expected, "export", "This is a bug in the converter: the target class changed its layout.")
+    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}
+
+
+def special_ids(tokenizer) -> dict:
+    """bos/eos/pad ids for config.json and generation_config.json; eos must include <|im_end|> (end of a turn)."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if im_end is None or im_end == tokenizer.unk_token_id:
+        raise UserError(f"the tokenizer at {tokenizer.name_or_path} has no <|im_end|> token, so generate() could "
+                        "not stop at the end of a turn; pass --tokenizer_path with MiniMind's ChatML tokenizer")
+    eos = [im_end] + [i for i in [tokenizer.eos_token_id] if i is not None and i != im_end]
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
+
+
+def write_tokenizer(tokenizer, out: Path) -> None:
+    """Copy the tokenizer files as they are (transformers 5's save_pretrained would write tokenizer_class
+    "TokenizersBackend", which transformers 4.x and vLLM do not know, and move the chat template out of
+    tokenizer_config.json into chat_template.jinja, which older readers ignore)."""
+    src = Path(tokenizer.name_or_path)
+    if not (src / "tokenizer.json").exists() or not (src / "tokenizer_config.json").exists():
+        raise UserError(f"tokenizer folder {src} has no tokenizer.json/tokenizer_config.json to copy; "
+                        "pass --tokenizer_path DIR")
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copyfile(src / name, out / name)
+    cfg = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if not cfg.get("chat_template") and (src / "chat_template.jinja").exists():
+        cfg["chat_template"] = (src / "chat_template.jinja").read_text(encoding="utf-8")
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+    if not cfg.get("chat_template"):
+        raise UserError(f"tokenizer folder {src} has no chat template; pass --tokenizer_path with MiniMind's tokenizer")
+
+
+def write_model_code(out: Path) -> list[str]:
+    """model/model_minimind.py (and any module it imports relatively) copied at export time, for trust_remote_code."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+    files = [MODEL_FILE, *map(Path, get_relative_import_files(str(MODEL_FILE)))]
+    for f in files:
+        shutil.copyfile(f, out / f.name)
+    return [f.name for f in files]
+
+
+def prepare_out(out: Path) -> None:
+    """Refuse to replace a folder that holds more than an earlier export (someone's data, another model)."""
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out {out} is a file; give a folder path")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUR_FILES and p.suffix != ".py")
+        if foreign:
+            raise UserError(f"--out {out} already holds other files ({', '.join(foreign[:5])}); "
+                            "choose a new folder or empty it")
+
+
+def export_model(model, tokenizer, out, fmt: str = "hf", dtype: torch.dtype = torch.float16) -> Path:
+    """Write `model` (a MiniMindForCausalLM) and `tokenizer` as a transformers folder; returns its path.
+
+    The folder is assembled beside `out` and renamed into place, so a crash never leaves half a folder behind.
+    """
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, LlamaForCausalLM
+    out = Path(out).resolve()
+    config = model.config
+    if fmt == "llama" and llama_refusal(config):
+        raise UserError(llama_refusal(config))
+    prepare_out(out)
+    ids = special_ids(tokenizer)
+    cfg, target = config_json(config, fmt, dtype, ids)
+    tensors = export_tensors(model, dtype, expected_tensors(LlamaForCausalLM if fmt == "llama"
+                                                            else MiniMindForCausalLM, target))
+
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600; make it like the other files
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        GenerationConfig(**ids).save_pretrained(tmp)
+        write_tokenizer(tokenizer, tmp)
+        if fmt == "hf":
+            write_model_code(tmp)
+        old = out.parent / f".{out.name}.old{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Import: transformers folder -> native model
+
+
+def read_config_json(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.exists():
+        raise UserError(f"{folder} has no config.json; --from_hf needs a transformers model folder "
+                        "(e.g. one written by --format hf or --format llama)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); re-export the folder") from None
+
+
+def minimind_config_from_llama(folder: Path):
+    """A MiniMindConfig computing exactly what the Llama folder computes, or a UserError saying what differs."""
+    from transformers import LlamaConfig
+    c = LlamaConfig.from_pretrained(folder)  # normalises rope_theta/rope_scaling into rope_parameters
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    rope = dict(c.rope_parameters or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    ours = minimind_rope_scaling(MiniMindConfig(inference_rope_scaling=True,
+                                                max_position_embeddings=c.max_position_embeddings))
+    problems = []
+    if c.attention_bias or c.mlp_bias:
+        problems.append("it has attention/MLP biases (MiniMind's linear layers have none)")
+    if c.hidden_act != "silu":
+        problems.append(f"its activation is {c.hidden_act} (MiniMind uses silu)")
+    if head_dim * c.num_attention_heads != c.hidden_size:
+        problems.append(f"head_dim {head_dim} x {c.num_attention_heads} heads != hidden_size {c.hidden_size}")
+    if rope_type == "yarn":
+        if ours is None or any(float(rope.get(k, 0)) != float(v) for k, v in ours.items() if k != "rope_type"):
+            problems.append(f"its YaRN settings {rope} differ from MiniMind's {YARN}")
+    elif rope_type != "default":
+        problems.append(f"its rope scaling is {rope_type!r} (MiniMind has plain RoPE or its fixed YaRN)")
+    if problems:
+        raise UserError(f"{folder} is a Llama model MiniMind cannot reproduce: {'; '.join(problems)}")
+    return MiniMindConfig(
+        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads or c.num_attention_heads,
+        vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        rope_theta=float(rope["rope_theta"]), inference_rope_scaling=rope_type == "yarn", use_moe=False,
+        headwise_attn_output_gate=False, tie_word_embeddings=True,
+    ), ("llama", c.tie_word_embeddings)
+
+
+def read_folder_config(folder: Path):
+    """(MiniMindConfig, (source model type, whether the folder ties lm_head to the embedding))."""
+    raw = read_config_json(folder)
+    kind = raw.get("model_type")
+    if kind == "llama":
+        return minimind_config_from_llama(folder)
+    if kind != "minimind":
+        raise UserError(f"{folder}/config.json has model_type {kind!r}; --from_hf reads 'minimind' (--format hf) "
+                        "and 'llama' (--format llama) folders")
+    fields = set(MiniMindConfig().to_dict()) - FILE_KEYS
+    config = MiniMindConfig(**{k: v for k, v in raw.items() if k in fields})
+    return config, ("minimind", raw.get("tie_word_embeddings", True))
+
+
+def read_folder_tensors(folder: Path) -> dict:
+    """All tensors of model.safetensors, a sharded model.safetensors.index.json, or a pytorch_model.bin."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").exists():
+        files = [folder / "model.safetensors"]
+    elif index.exists():
+        files = [folder / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    elif (folder / "pytorch_model.bin").exists():
+        files = [folder / "pytorch_model.bin"]
+    else:
+        raise UserError(f"{folder} has no model.safetensors (or index / pytorch_model.bin); is it a model folder?")
+    sd = {}
+    for f in files:
+        try:
+            sd.update(torch.load(f, map_location="cpu", weights_only=True) if f.suffix == ".bin" else load_file(f))
+        except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as e:
+            raise UserError(f"{f} cannot be read ({type(e).__name__}: {e}); the file is damaged or incomplete, "
+                            "re-export or re-download it") from None
+    return sd
+
+
+def import_folder(folder) -> tuple[MiniMindConfig, dict]:
+    """(config, native state_dict in the folder's dtype) of a transformers folder, strictly checked."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--from_hf {folder} is not a folder")
+    config, (kind, folder_ties) = read_folder_config(folder)
+    sd = read_folder_tensors(folder)
+    # rotary tables are derived from rope_theta (old Llama checkpoints stored them as buffers)
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    if TIED_KEY not in sd and EMBED_KEY in sd:
+        if not folder_ties:
+            raise UserError(f"{folder}: config.json says tie_word_embeddings=false but there is no {TIED_KEY}")
+        sd[TIED_KEY] = sd[EMBED_KEY]
+    elif TIED_KEY in sd and EMBED_KEY in sd and not torch.equal(sd[TIED_KEY], sd[EMBED_KEY]):
+        raise UserError(f"{folder} has an lm_head that differs from the input embedding; MiniMind always ties them, "
+                        "so this model cannot be converted without changing its outputs")
+    expected = expected_tensors(MiniMindForCausalLM, config)
+    check_tensors(sd, expected, f"--from_hf {folder} ({kind})",
+                  "Convert only folders written by this tool or models with MiniMind's exact layout.")
+    return config, {k: sd[k] for k in expected}  # the key order training writes
+
+
+def native_state_dict(sd: dict, folder) -> dict:
+    """fp16 tensors in the order of MiniMindForCausalLM.state_dict() (as training writes them), refusing overflow."""
+    out = {}
+    for k, v in sd.items():
+        half = v.to(torch.float16)
+        if v.is_floating_point() and bool(torch.isfinite(v).all()) and not bool(torch.isfinite(half).all()):
+            raise UserError(f"{folder}: tensor {k} has values beyond fp16's range (|x| > 65504); MiniMind's native "
+                            "files are fp16, so this model cannot be stored natively without changing it")
+        out[k] = half
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Verification: logits of the written model against the source
+
+
+def probe_ids(vocab_size: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def max_logit_diff(a, b, vocab_size: int) -> tuple[float, float]:
+    """(max |logits_a - logits_b|, max |logits_a|) on a fixed probe batch, both models in fp32 eval mode."""
+    ids = probe_ids(vocab_size)
+    la = a.float().eval()(ids).logits
+    lb = b.float().eval()(ids).logits
+    return float((la - lb).abs().max()), float(la.abs().max())
+
+
+def check_close(diff: float, scale: float, what: str) -> str:
+    # fp32 kernels differ between the two implementations by rounding only (~1e-6 relative)
+    if diff > 1e-4 * max(1.0, scale):
+        raise UserError(f"verification failed: {what} differ by {diff:.3g} (logits up to {scale:.3g}); "
+                        "the converted model does not compute the same function")
+    return f"verified: max |Δlogits| = {diff:.3g} ({what}, logits up to {scale:.3g})"
+
+
+def verify_export(out: Path, fmt: str) -> str:
+    """Load the folder back through transformers and compare with a native model built from the same tensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    loader = LlamaForCausalLM if fmt == "llama" else AutoModelForCausalLM
+    loaded = loader.from_pretrained(out, trust_remote_code=fmt == "hf", dtype=torch.float32)
+    config, sd = import_folder(out)
+    native = MiniMindForCausalLM(config)
+    native.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    AutoTokenizer.from_pretrained(out)  # the tokenizer files load on their own
+    return check_close(*max_logit_diff(native, loaded, config.vocab_size), f"{type(loaded).__name__} vs native")
+
+
+def verify_import(folder: Path, kind: str, config: MiniMindConfig, args) -> str:
+    """Load the written .pth as eval_llm.py does and compare with the folder's model (our classes, no remote code)."""
+    from transformers import LlamaForCausalLM
+    ref = (LlamaForCausalLM if kind == "llama" else MiniMindForCausalLM).from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():  # the native file is fp16 by convention: compare the mapping, not that rounding
+        for t in ref.state_dict().values():
+            t.copy_(t.half())
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    yarn = ["--inference_rope_scaling"] if config.inference_rope_scaling else []
+    native, _ = load_model(p.parse_args(["--weight", args.save_weight, "--save_dir", args.save_dir,
+                                         "--tokenizer_path", str(folder), *yarn]))
+    return check_close(*max_logit_diff(ref, native, config.vocab_size), "eval_llm's load vs the folder")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="MiniMind 权重格式转换 / convert native .pth <-> transformers folders",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--format", choices=["hf", "llama"], default="hf",
+                   help="导出格式 / export as: hf = MiniMind code + trust_remote_code (any model); "
+                        "llama = plain LlamaForCausalLM (dense, gate off)")
+    p.add_argument("--out", type=str, default=None, help="导出目录 / output folder for the transformers model")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp16",
+                   help="导出精度 / dtype of the exported tensors (fp16 = lossless from a native .pth)")
+    p.add_argument("--from_hf", type=str, default=None,
+                   help="导入: transformers 目录 -> 原生 .pth / import this folder into {save_dir}/{save_weight}_*.pth")
+    p.add_argument("--save_weight", type=str, default=None, help="导入后的权重名 / weight name for --from_hf")
+    p.add_argument("--verify", type=int, choices=[0, 1], default=1,
+                   help="转换后重新加载并对比 logits / reload the result and compare logits with the source")
+    args = p.parse_args(argv)
+
+    if args.from_hf:
+        # ---------------------------------------------------------------- transformers folder -> native .pth
+        if not args.save_weight:
+            raise UserError("--from_hf needs --save_weight NAME (the file becomes {save_dir}/NAME_{hidden}.pth)")
+        resolve_model_paths(args)
+        folder = Path(args.from_hf).resolve()
+        config, sd = import_folder(folder)
+        path = weight_path(args.save_dir, args.save_weight, config.hidden_size, config.use_moe)
+        if os.path.exists(path):
+            raise UserError(f"{path} already exists; choose another --save_weight or delete it first")
+        kind = read_config_json(folder)["model_type"]
+        tok = str(folder) if (folder / "tokenizer.json").exists() else None
+        save_weights(native_state_dict(sd, folder), path, config, stage="convert", weight=args.save_weight,
+                     source=str(folder), source_format=kind, tokenizer_path=tok, args=vars(args))
+        print(f"wrote {path} (+ .json sidecar) from {folder} ({kind})")
+        if args.verify:
+            try:
+                print(verify_import(folder, kind, config, args))
+            except UserError as e:  # leave nothing behind that eval_llm.py would load wrongly
+                for f in (path, sidecar_path(path)):
+                    os.remove(f)
+                raise UserError(f"{e}; removed {path}") from None
+        # YaRN is a load-time switch of the native loaders, not part of the weights
+        yarn = " --inference_rope_scaling" if config.inference_rope_scaling else ""
+        print(f"chat with it: python eval_llm.py --weight {args.save_weight} --save_dir {args.save_dir}{yarn}")
+        return
+
+    # -------------------------------------------------------------------- native .pth -> transformers folder
+    if not args.out:
+        raise UserError("give --out DIR to export (or --from_hf DIR --save_weight NAME to import)")
+    if is_hf_dir(args):
+        raise UserError("--load_from points at a transformers folder; export reads native weights (--weight), "
+                        "and --from_hf DIR imports a folder")
+    out = Path(args.out).resolve()
+    prepare_out(out)  # fail before loading anything
+    model, tokenizer = load_model(args)
+    if args.format == "llama" and llama_refusal(model.config):
+        raise UserError(llama_refusal(model.config))
+    out = export_model(model.eval(), tokenizer, out, args.format, DTYPES[args.dtype])
+    print(f"wrote {out} ({args.format}, {args.dtype})")
+    if args.verify:
+        del model
+        try:
+            print(verify_export(out, args.format))
+        except UserError as e:
+            shutil.rmtree(out)
+            raise UserError(f"{e}; removed {out}") from None
+    if args.format == "hf":
+        print(f"load it: AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)")
+    else:
+        print(f"load it: LlamaForCausalLM.from_pretrained('{out}')  |  vllm serve {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)
