@@ -21,7 +21,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import pickle
 import queue
 import threading
 from dataclasses import dataclass
@@ -121,9 +120,10 @@ def _load_weights(model, path: str, config) -> None:
         load_weights(model, path, config)
     except UserError:
         raise
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
-        raise UserError(f"cannot read weight file {path}: {str(e).splitlines()[0][:200]} -- it is truncated or not "
-                        "a torch .pth file; copy it again or re-run the stage that writes it") from None
+    except Exception as e:  # torch.load on a damaged file raises almost anything (RuntimeError, KeyError, EOFError)
+        detail = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"cannot read weight file {path} ({type(e).__name__}: {detail}): it is truncated or not a "
+                        "torch .pth file; copy it again or re-run the stage that writes it") from None
 
 
 def build_native_model(args):
@@ -151,8 +151,9 @@ def build_native_model(args):
         apply_lora_from_file(model, weight_path(os.path.join(args.save_dir, "lora"), args.lora_weight,
                                                 config.hidden_size, config.use_moe))
         model = merge_lora(model)  # folded into the base in fp32: generation then costs what the base costs
+    # a typed --tokenizer_path must exist; the sidecar's may name another machine's folder, then model/ is used
     tok_dir = args.tokenizer_path or (side or {}).get("tokenizer_path") or root_path("model")
-    if not os.path.isdir(tok_dir):
+    if not args.tokenizer_path and not os.path.isdir(tok_dir):
         tok_dir = root_path("model")
     print(f"loaded {path}" + (f" + LoRA {args.lora_weight}" if args.lora_weight else ""))
     args.model_file = path
