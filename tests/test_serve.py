@@ -33,8 +33,9 @@ import serve_openai_api as serve  # noqa: E402
 THINK_REPLY = "<think>\nThe user asks 3 + 4. That is 7.\n</think>\n\n3 + 4 = 7."
 TOOL_REPLY = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n'
               '</tool_call>')
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
 class FakeModel:

@@ -7,7 +7,8 @@ const $ = (id) => document.getElementById(id);
 const past = [];             // finished turns: {role: "user"|"assistant", content, tool_calls?}
 let controller = null;       // AbortController of the reply being streamed (stop button / disconnect)
 
-for (const [id, out] of [["temperature", "temperature-value"], ["top_p", "top_p-value"], ["history", "history-value"]]) {
+const sliders = [["temperature", "temperature-value"], ["top_p", "top_p-value"], ["history", "history-value"]];
+for (const [id, out] of sliders) {
   const show = () => { $(out).textContent = $(id).value; };
   $(id).addEventListener("input", show);
   show();
