@@ -48,7 +48,8 @@ class FakeModel:
         self.tok = tokenizer
         self.config = SimpleNamespace(max_position_embeddings=context)
         self.device = torch.device("cpu")
-        self.prompts, self.runs = [], []   # every prompt seen; (tokens produced, stopped by criteria) per call
+        self.prompts, self.runs = [], []   # every prompt seen; [tokens produced, stopped by criteria] per call
+        self.spans = []                    # (start, end) time of every generate call
 
     def generate(self, input_ids, attention_mask=None, streamer=None, stopping_criteria=None, max_new_tokens=20,
                  eos_token_id=None, **kw):
@@ -60,22 +61,29 @@ class FakeModel:
                 else "Hello STOP" + " and more" * 200 if "stop me" in last else f"You said: {last}")
         ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
         streamer.put(input_ids)
-        seq, run = input_ids, [0, False]
+        seq, run, t0 = input_ids, [0, False], time.monotonic()
         self.runs.append(run)
+        try:
+            self._steps(ids, seq, run, slow or "stop me" in last, "boom" in last, streamer, stopping_criteria,
+                        max_new_tokens, eos_token_id)
+        finally:
+            self.spans.append((t0, time.monotonic()))
+        streamer.end()
+
+    def _steps(self, ids, seq, run, slow, boom, streamer, stopping_criteria, max_new_tokens, eos_token_id):
         for t in ids[:max_new_tokens]:
-            if slow or "stop me" in last:
+            if slow:
                 time.sleep(0.02)
-            if "boom" in last and run[0] == 2:
+            if boom and run[0] == 2:
                 raise RuntimeError("simulated device failure")
             seq = torch.cat([seq, torch.tensor([[t]])], dim=1)
             streamer.put(torch.tensor([t]))
             run[0] += 1
             if t in (eos_token_id or []):
-                break
+                return
             if any(bool(c(seq, None).all()) for c in stopping_criteria or []):
                 run[1] = True
-                break
-        streamer.end()
+                return
 
 
 def serve_in_thread(app):
@@ -393,8 +401,9 @@ def test_long_prompt_cut_by_tokens_on_the_server(fake, tokenizer):
 
 
 def test_two_concurrent_streams_both_finish(fake):
-    """Queued: both streams complete with their own full text (no interleaving, nothing lost)."""
-    results = {}
+    """Queued: both streams complete with their own full text (no interleaving, nothing lost), and the two
+    generations ran one after the other (the lock), not at the same time."""
+    results, spans = {}, len(fake.model.spans)
 
     def run(word):
         chunks = fake.client.chat.completions.create(
@@ -406,6 +415,22 @@ def test_two_concurrent_streams_both_finish(fake):
     for t in threads:
         t.join(30)
     assert results == {w: "You said: " + (f"repeat {w} " * 20).strip() for w in ("alpha", "omega")}
+    (s1, e1), (s2, e2) = sorted(fake.model.spans[spans:])
+    assert e1 <= s2
+
+
+def test_queue_limit_answers_429(tokenizer):
+    model = FakeModel(tokenizer)
+    url, server = serve_in_thread(serve.create_app(model, tokenizer, "m", max_queue=1))
+    try:
+        body = {"messages": [{"role": "user", "content": "slow"}], "stream": True, "max_tokens": 50}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as first:
+            lines = first.iter_lines()  # kept: a dropped iterator closes the connection (= a disconnect)
+            next(lines)  # the first request is generating
+            r = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=30)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "server_busy"
+    finally:
+        server.should_exit = True
 
 
 def test_client_disconnect_stops_generation(fake):
@@ -440,3 +465,8 @@ def test_chat_client_history_and_reasoning(fake, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("one\ntwo\n"))
     client.main(["--base_url", fake.url + "/v1", "--history", "0", "--no_stream"])
     assert "one" not in fake.model.prompts[-1] and "You said: two" in capsys.readouterr().out
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with pytest.raises(SystemExit, match="no server at .*start one with python scripts/serve_openai_api.py"):
+        client.main(["--base_url", dead])

@@ -237,8 +237,9 @@ def message_text(content) -> str:
 
 
 def render(tokenizer, messages, tools=None, enable_thinking=None, raw=False) -> str:
-    if raw:  # a pretrained (not chat-tuned) model continues plain text
-        return tokenizer.bos_token + "".join(message_text(m.get("content")) for m in messages if m["role"] == "user")
+    if raw:  # a pretrained (not chat-tuned) model continues the latest user text, no template, no history
+        return tokenizer.bos_token + next((message_text(m.get("content")) for m in reversed(messages)
+                                           if m["role"] == "user"), "")
     kw = {} if enable_thinking is None else {"enable_thinking": bool(enable_thinking)}
     return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True,
                                          **kw)
