@@ -470,3 +470,17 @@ def test_chat_client_history_and_reasoning(fake, monkeypatch, capsys):
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
     with pytest.raises(SystemExit, match="no server at .*start one with python scripts/serve_openai_api.py"):
         client.main(["--base_url", dead])
+
+
+def test_host_warning_and_busy_port(capsys):
+    from trainer.trainer_utils import UserError
+    for host in ("127.0.0.1", "localhost", "::1"):
+        serve.check_host(host)
+    assert capsys.readouterr().err == ""
+    serve.check_host("0.0.0.0")
+    assert "reachable from other machines; it has no authentication" in capsys.readouterr().err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(UserError, match=r"cannot listen on 127.0.0.1:\d+ .*pass another --port"):
+            serve.check_port("127.0.0.1", s.getsockname()[1])

@@ -126,7 +126,7 @@ async function send(userText) {
       }
       for (const tc of d.tool_calls || []) {
         calls.push(tc);
-        const div = el("div", "tool-call", `🔧 ${tc.function.name}(${tc.function.arguments})`);
+        const div = el("div", "tool-call", `tool call: ${tc.function.name}(${tc.function.arguments})`);
         box.insertBefore(div, content.nextSibling);
       }
       if (choice.finish_reason) finish = choice.finish_reason;
