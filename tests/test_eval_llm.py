@@ -40,7 +40,7 @@ def _lora_sidecar_only(out: Path):
 CASES = [
     ("max_new_tokens_0", ["--max_new_tokens", "0"], None, 2, r"--max_new_tokens: 0 must be >= 1"),
     ("max_new_tokens_negative", ["--max_new_tokens", "-3"], None, 2, r"--max_new_tokens: -3 must be >= 1"),
-    ("max_new_tokens_not_int", ["--max_new_tokens", "1.5"], None, 2, r"--max_new_tokens: '1.5' is not a number"),
+    ("max_new_tokens_not_int", ["--max_new_tokens", "1.5"], None, 2, r"--max_new_tokens: '1.5' is not an integer"),
     ("max_new_tokens_over_context", ["--max_new_tokens", "40000"], None, 1,
      r"--max_new_tokens 40000 leaves no room .* context of 32768 tokens; lower it"),
     ("temperature_negative", ["--temperature", "-0.5"], None, 2, r"--temperature: -0.5 must be >= 0 \(0 = greedy"),

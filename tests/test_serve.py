@@ -274,6 +274,18 @@ def test_openai_client_real_model_stream_and_not(real, tokenizer):
     a, b = (c.chat.completions.create(model="m", messages=msgs, max_tokens=16, temperature=1.0, seed=3)
             for _ in range(2))
     assert a.choices[0].message.content == b.choices[0].message.content
+    # two streams at once on the real model: each says what it says alone
+    texts = []
+
+    def run():
+        chunks = c.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0, stream=True)
+        texts.append("".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices))
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert texts == [r.choices[0].message.content] * 2
 
 
 def test_sse_wire_format_ends_with_done(fake):

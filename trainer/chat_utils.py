@@ -207,7 +207,7 @@ def sampling_flag(name: str, cast=float):
         try:
             v = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if cast is int else 'a number'}") from None
         if not ok(v):
             raise argparse.ArgumentTypeError(f"{text} {why}")
         return v
@@ -284,6 +284,9 @@ def build_prompt(tokenizer, messages, budget: int, tools=None, enable_thinking=N
             last["content"] = tokenizer.decode(last_ids[cut:])
             text, ids = encode(head + [last])
             overflow = len(ids) - budget
+        if len(ids) > budget:
+            raise ValueError(f"the prompt needs {len(ids)} tokens even with the latest message cut away; the context "
+                             f"leaves {budget} for it")
         start = len(body) - 1
     elif len(ids) > budget:
         raise ValueError(f"the system prompt and tools take {len(ids)} tokens, more than the {budget} the context "
