@@ -416,13 +416,20 @@ class ChatStream:
         emitted = 0              # characters of self.text already handed out
         longest_stop = max((len(s) for s in self.stop), default=0)
         try:
-            while True:
-                item = self._q.get()
-                if item is _END:
-                    break
-                if isinstance(item, GenerationError):
-                    raise item
-                ids.append(item)
+            done = False
+            while not done:
+                batch = [self._q.get()]
+                while not self._q.empty():  # fell behind: take every waiting token, decode once
+                    batch.append(self._q.get())
+                for item in batch:
+                    if isinstance(item, GenerationError):
+                        raise item
+                    if item is _END:
+                        done = True
+                        break
+                    ids.append(item)
+                if read == len(ids):
+                    continue
                 before = tok.decode(ids[prefix:read], skip_special_tokens=True)
                 after = tok.decode(ids[prefix:], skip_special_tokens=True)
                 if len(after) <= len(before) or after.endswith("\ufffd"):
