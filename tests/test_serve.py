@@ -242,10 +242,11 @@ def test_chat_stream_real_model_greedy_seed_and_utf8(tiny_sft, tokenizer):
         for _ in range(s.completion_tokens):
             x = torch.cat([x, model(x).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert text == tok.decode(x[0, len(ids):], skip_special_tokens=True)
-    sampled = [drain(ChatStream(model, tok, ids, max_new_tokens=24, temperature=1.0, seed=7)) for _ in range(2)]
+    sampled = ["".join(drain(ChatStream(model, tok, ids, max_new_tokens=24, temperature=1.0, seed=7)))
+               for _ in range(2)]
     assert sampled[0] == sampled[1]
     s = ChatStream(model, tok, ids, max_new_tokens=24, temperature=1.0, seed=8)
-    assert "".join(drain(s)) != "".join(sampled[0]) or s.completion_tokens < 3
+    assert "".join(drain(s)) != sampled[0] or s.completion_tokens < 3
 
 
 # ---------------------------------------------------------------------------------------------------------------
