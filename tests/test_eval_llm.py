@@ -154,6 +154,7 @@ def test_interactive_says_how_to_quit_and_quits_cleanly(out, monkeypatch, capsys
     assert "(interrupted)" in stderr
 
 
+@pytest.mark.slow
 def test_script_reads_stdin_then_ctrl_c_exits_cleanly(out, tmp_path):
     """The real script: two prompts piped in (stdin stays open), both answered; then SIGINT -> exit 130, no
     traceback."""

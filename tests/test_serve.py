@@ -497,3 +497,31 @@ def test_host_warning_and_busy_port(capsys):
         s.listen()
         with pytest.raises(UserError, match=r"cannot listen on 127.0.0.1:\d+ .*pass another --port"):
             serve.check_port("127.0.0.1", s.getsockname()[1])
+
+
+def test_transformers_folder_through_hf_dir(tmp_path, tokenizer):
+    """--hf_dir loads a transformers folder (here a tiny Llama, the format convert_model.py writes for dense models)
+    with its own tokenizer; the chat stream decodes greedily from it like from native weights."""
+    import argparse
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.trainer_utils import UserError
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256))
+    llama.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    model, tok = load_model(args := p.parse_args(["--hf_dir", str(tmp_path / "hf")]))
+    assert isinstance(model, LlamaForCausalLM) and args.model_name == "hf"
+    model = place_model(model, "cpu")
+    ids = build_prompt(tok, [{"role": "user", "content": "hi"}], 200).ids
+    s = ChatStream(model, tok, ids, max_new_tokens=8, temperature=0)
+    text = "".join(drain(s))
+    with torch.no_grad():
+        want = model.generate(torch.tensor([ids]), max_new_tokens=s.completion_tokens, do_sample=False)
+    assert text == tok.decode(want[0, len(ids):], skip_special_tokens=True)
+    with pytest.raises(UserError, match="merge the LoRA when converting"):
+        load_model(p.parse_args(["--hf_dir", str(tmp_path / "hf"), "--lora_weight", "x"]))

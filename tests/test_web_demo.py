@@ -57,6 +57,7 @@ def send(page, text):
     return page.locator(".msg.assistant").nth(n - 1)
 
 
+@pytest.mark.slow
 def test_launcher_serves_page_and_real_model_replies(tiny_sft, browser, tmp_path):
     """python scripts/web_demo.py --weight full_sft ... --no_browser: one process serves the page and the API."""
     with socket.socket() as s:
