@@ -1,13 +1,16 @@
-"""Chat with a trained checkpoint: a fixed set of test prompts (auto mode) or your own input (interactive).
+"""Chat with a trained checkpoint: built-in test prompts (auto), your own input (chat), or prompts piped on stdin.
 
-    python eval_llm.py --weight full_sft                     # sizes come from out/full_sft_*.json
+    python eval_llm.py --weight full_sft                     # asks: auto test prompts or chat; sizes from the sidecar
     python eval_llm.py --weight full_sft --mode auto --max_new_tokens 128
+    printf 'hello\\n3 + 4 = ?\\n' | python eval_llm.py --weight full_sft      # one prompt per stdin line
     python eval_llm.py --weight full_sft --lora_weight lora_identity
-    python eval_llm.py --load_from ./MiniMind2-Small           # a transformers-format model directory
+    python eval_llm.py --hf_dir ./MiniMind2-hf                 # a transformers-format folder (scripts/convert_model.py)
 
 Native weights are out/{weight}_{hidden}{_moe}.pth; the model sizes are read from the .json sidecar next to them,
-so they need not be repeated (a flag that contradicts the sidecar is an error). Without a terminal (piped stdin,
-CI) the auto mode runs. Replies stream token by token.
+so they need not be repeated (a flag that contradicts the sidecar is an error). Replies stream token by token;
+<think> reasoning is shown apart from the answer. --temperature 0 decodes greedily. Prompt building, sampling,
+streaming and <think> parsing are trainer/chat_utils.py, shared with the API server and the chat page.
+In chat mode an empty line, Ctrl-D or Ctrl-C quits; with stdin not a terminal every line is a prompt until EOF.
 """
 import argparse
 import random
@@ -18,12 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from transformers import TextStreamer  # noqa: E402
-
 from model.model_minimind import MiniMindForCausalLM, count_params  # noqa: E402
-from trainer.chat_utils import add_model_args, is_hf_dir, load_model  # noqa: E402
-from trainer.trainer_utils import UserError, run_main, setup_seed  # noqa: E402
+from trainer.chat_utils import (ChatStream, GenerationError, ReplyParser, add_device_arg, add_model_args,  # noqa: E402
+                                build_prompt, context_length, is_hf_dir, load_model, place_model, sampling_flag)
+from trainer.trainer_utils import UserError, run_main  # noqa: E402
 
 AUTO_PROMPTS = [
     "你好，请介绍一下你自己。",
@@ -35,76 +36,141 @@ AUTO_PROMPTS = [
     "如何保持健康的生活习惯？",
     "地球为什么有四季？",
 ]
+DIM, RESET = "\033[2m", "\033[0m"
 
 
-def main():
+def nonneg_int(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= 0")
+    return int(text)
+
+
+def build_parser():
     p = argparse.ArgumentParser(description="Chat with a MiniMind checkpoint",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
-    p.add_argument("--max_new_tokens", type=int, default=8192, help="最大生成长度 / max new tokens")
-    p.add_argument("--temperature", type=float, default=0.85, help="采样温度 / temperature")
-    p.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling top_p")
-    p.add_argument("--historys", type=int, default=0, help="携带的历史消息数 (偶数) / past messages kept")
+    add_device_arg(p)
+    p.add_argument("--max_new_tokens", type=sampling_flag("max_new_tokens", int), default=8192,
+                   help="最大生成长度 / max new tokens (>= 1)")
+    p.add_argument("--temperature", type=sampling_flag("temperature"), default=0.85,
+                   help="采样温度 / temperature (0 = greedy)")
+    p.add_argument("--top_p", type=sampling_flag("top_p"), default=0.85, help="nucleus sampling top_p, in (0, 1]")
+    p.add_argument("--historys", type=nonneg_int, default=0,
+                   help="携带的历史消息数 / past messages kept (2 = the last question and answer; odd rounds up)")
     p.add_argument("--mode", type=str, default=None, choices=["auto", "chat"],
-                   help="auto = built-in test prompts, chat = type your own; default asks (auto without a terminal)")
+                   help="auto = built-in test prompts (or --prompts); chat = your input (typed, or stdin lines when "
+                        "stdin is not a terminal); default: ask on a terminal, stdin lines otherwise")
     p.add_argument("--prompts", type=str, nargs="*", default=None, help="prompts for auto mode (default: built-in)")
+    p.add_argument("--enable_thinking", type=int, default=None, choices=[0, 1],
+                   help="chat template switch: 0 closes the <think> block in the prompt (default: the model decides)")
     p.add_argument("--seed", type=int, default=None, help="固定随机种子 / fix sampling seed (default: random)")
-    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    return p
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda but CUDA is not available; pass --device cpu")
+
+def prompt_source(args):
+    """Yields the prompts: auto list, typed input, or stdin lines. Says how to quit when a person types."""
+    if args.prompts or args.mode == "auto":
+        for prompt in args.prompts or AUTO_PROMPTS:
+            print(f"👶: {prompt}")
+            yield prompt
+        return
+    if not sys.stdin.isatty():  # piped or redirected: every non-empty line is one prompt
+        for line in sys.stdin:
+            if line.strip():
+                print(f"👶: {line.strip()}")
+                yield line.strip()
+        return
+    if args.mode is None and input("[0] 自动测试 auto  [1] 手动输入 chat\n").strip() != "1":
+        args.mode = "auto"
+        yield from prompt_source(args)
+        return
+    print("输入消息回车发送；空行、Ctrl-D 或 Ctrl-C 退出 / type a message and press Enter; "
+          "an empty line, Ctrl-D or Ctrl-C quits")
+    while True:
+        try:
+            prompt = input("👶: ").strip()
+        except EOFError:
+            print()
+            return
+        if not prompt:
+            return
+        yield prompt
+
+
+def show_reply(stream: ChatStream, parser: ReplyParser, color: bool) -> str:
+    """Print the streamed reply, reasoning dimmed and marked; returns the answer text (kept as history)."""
+    def events():
+        for delta in stream:
+            yield from parser.feed(delta)
+        yield from parser.finish()
+    answer, section = [], None
+    for kind, value in events():
+        section = _show(kind, value, section, color, answer)
+    if section == "reasoning" and color:
+        print(RESET, end="")
+    print()
+    return "".join(answer)
+
+
+def _show(kind, value, section, color, answer):
+    if kind == "reasoning":
+        if section != "reasoning":
+            print((DIM if color else "") + "[think] ", end="")
+        print(value, end="", flush=True)
+    elif kind == "content":
+        if section == "reasoning":
+            print((RESET if color else "") + "\n", end="")
+        print(value, end="", flush=True)
+        answer.append(value)
+    else:  # a tool call (only when the prompt offered tools)
+        print(f"\n[tool call] {value['name']}({value['arguments']})", flush=True)
+    return kind
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     model, tokenizer = load_model(args)
-    hf_dir = is_hf_dir(args)
-    model = model.to(args.device).eval()
-    if args.device.startswith("cuda"):
-        model = model.half() if not torch.cuda.is_bf16_supported() else model.to(torch.bfloat16)
+    raw = args.weight == "pretrain" and not is_hf_dir(args)  # a pretrained model continues text, no chat template
+    model = place_model(model, args.device)
     if isinstance(model, MiniMindForCausalLM):
         total, active = count_params(model)
         print(f"Model Params: {total:.2f}M" + (f"-A{active:.2f}M" if model.config.use_moe else ""))
-
-    mode = args.mode
-    if mode is None:
-        if sys.stdin.isatty():
-            mode = "chat" if input("[0] 自动测试 auto  [1] 手动输入 chat\n").strip() == "1" else "auto"
-        else:
-            mode = "auto"
-    prompts = iter(args.prompts or AUTO_PROMPTS) if mode == "auto" else None
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    budget = context_length(model) - args.max_new_tokens
+    if budget < 1:
+        raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in the model's context "
+                        f"of {context_length(model)} tokens; lower it")
+    color = sys.stdout.isatty()
     history = []
-    while True:
-        if prompts is not None:
-            prompt = next(prompts, None)
-            if prompt is None:
-                break
-            print(f"👶: {prompt}")
-        else:
-            try:
-                prompt = input("👶: ").strip()
-            except EOFError:
-                break
-            if not prompt:
-                break
-        setup_seed(args.seed if args.seed is not None else random.randint(0, 2**31 - 1))
-        history = history[-args.historys:] if args.historys else []
+    for prompt in prompt_source(args):
+        keep = args.historys + args.historys % 2  # whole question/answer pairs
+        history = history[-keep:] if keep else []
         history.append({"role": "user", "content": prompt})
-        if args.weight == "pretrain" and not hf_dir:
-            text = tokenizer.bos_token + prompt
-        else:
-            kw = {"enable_thinking": True} if "reason" in args.weight else {}
-            text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True, **kw)
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(args.device)
+        built = build_prompt(tokenizer, history, budget, enable_thinking=args.enable_thinking, raw=raw)
+        if built.dropped or built.cut_tokens:
+            print(f"(prompt cut to the context: {built.dropped} old messages dropped, {built.cut_tokens} tokens cut)")
         print("🤖: ", end="", flush=True)
         t0 = time.time()
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=True,
-                                 temperature=args.temperature, top_p=args.top_p, streamer=streamer,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new = out[0, inputs["input_ids"].shape[1]:]
-        reply = tokenizer.decode(new, skip_special_tokens=True)
-        print(f"[{len(new)} tokens, {len(new) / max(time.time() - t0, 1e-9):.1f} tok/s]\n")
+        stream = ChatStream(model, tokenizer, built.ids, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed if args.seed is not None else random.randint(0, 2**31 - 1))
+        try:
+            reply = show_reply(stream, ReplyParser(in_think=built.in_think), color)
+        except GenerationError as e:
+            raise UserError(str(e)) from None
+        finally:
+            stream.close()
+        n = stream.completion_tokens
+        print(f"[{n} tokens, {n / max(time.time() - t0, 1e-9):.1f} tok/s]\n")
         history.append({"role": "assistant", "content": reply})
 
 
+def cli():
+    try:
+        run_main(main)
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly, the generation thread is a daemon and ends with us
+        print("\n(interrupted)", file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    run_main(main)
+    cli()

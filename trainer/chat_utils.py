@@ -1,26 +1,49 @@
-"""What every program that chats with a checkpoint shares: picking and loading the model by --weight.
+"""The one chat module: what eval_llm.py, the OpenAI-compatible server and the browser page share.
 
-    from trainer.chat_utils import add_model_args, load_model
-    add_model_args(parser)                 # --load_from --save_dir --weight --lora_weight --tokenizer_path sizes...
-    model, tokenizer = load_model(args)    # native .pth (+ sidecar, + LoRA merged) or a transformers folder
+    from trainer.chat_utils import add_model_args, load_model, build_prompt, ChatStream, ReplyParser
+    add_model_args(parser)                         # --weight --save_dir --lora_weight --hf_dir sizes...
+    model, tokenizer = load_model(args)            # native .pth (+ sidecar, + LoRA merged) or a transformers folder
+    prompt = build_prompt(tokenizer, messages, budget=context - max_new_tokens, tools=tools)
+    stream = ChatStream(model, tokenizer, prompt.ids, max_new_tokens=256, temperature=0.7, top_p=0.9, stop=["\\n\\n"])
+    parser = ReplyParser(tools=bool(tools), in_think=prompt.in_think)
+    for delta in stream:                            # text deltas, streamed while model.generate runs in a thread
+        for kind, value in parser.feed(delta):      # ("reasoning", str) | ("content", str) | ("tool_call", dict)
+            ...
+    # then parser.finish(), stream.finish_reason ("stop" | "length"), stream.completion_tokens
 
-Used by eval_llm.py and the scripts/ tools (server, web page, benchmarks), so they select models the same way.
+Four parts, top to bottom: model selection and loading; prompt building with truncation by tokens; generation as a
+streaming iterator (model.generate + a streamer in a thread, cancellable, errors end the stream); parsing of
+<think>...</think> and <tool_call>{json}</tool_call> (the chat template's formats), incremental so that a streamed
+reply and a whole reply split identically.
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
+import queue
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.trainer_utils import (ARCH_FLAGS, UserError, load_tokenizer, load_weights, read_sidecar, root_path,
                                    weight_path)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model selection and loading
 
 
 def add_model_args(p) -> None:
     """The model-selection flags of eval_llm.py, the server and the benchmarks."""
     p.add_argument("--load_from", type=str, default="model",
                    help="'model' = native .pth weights from --save_dir; or a transformers-format model directory")
+    p.add_argument("--hf_dir", type=str, default=None,
+                   help="transformers 格式目录 / a transformers-format model folder (same as --load_from DIR)")
     p.add_argument("--save_dir", type=str, default="out", help="目录 / where {weight}_{hidden}.pth lives")
     p.add_argument("--weight", type=str, default="full_sft", help="权重名 / weight name (pretrain, full_sft, dpo...)")
     p.add_argument("--lora_weight", type=str, default=None,
@@ -34,27 +57,48 @@ def add_model_args(p) -> None:
     p.add_argument("--inference_rope_scaling", action="store_true", help="YaRN x16 context extension (2048 -> 32k)")
 
 
+def add_device_arg(p) -> None:
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu / cuda / cuda:1 (CUDA runs in bf16, or fp16 without bf16 support)")
+
+
 def resolve_model_paths(args) -> None:
     """--save_dir's default resolves against the repo root, a typed path against the current directory."""
     args.save_dir = root_path(args.save_dir) if args.save_dir == "out" else str(Path(args.save_dir).resolve())
+    if getattr(args, "hf_dir", None):
+        args.load_from = args.hf_dir
 
 
 def is_hf_dir(args) -> bool:
-    return args.load_from != "model" and os.path.exists(os.path.join(args.load_from, "config.json"))
+    if args.load_from == "model":
+        return False
+    if not os.path.isfile(os.path.join(args.load_from, "config.json")):
+        raise UserError(f"{args.load_from} is not a transformers model folder (no config.json in it); pass the "
+                        "folder scripts/convert_model.py wrote, or drop --load_from/--hf_dir to use --weight")
+    return True
 
 
 def load_model(args):
-    """(model, tokenizer) on the CPU in fp32, eval mode not set: a transformers folder (--load_from DIR) or native
-    weights chosen by --weight/--save_dir (sizes from the sidecar), with --lora_weight merged in."""
+    """(model, tokenizer) on the CPU in fp32, eval mode not set: a transformers folder (--hf_dir/--load_from DIR) or
+    native weights chosen by --weight/--save_dir (sizes from the sidecar), with --lora_weight merged in.
+    Sets args.model_name (what the server reports as the model id) and args.model_file (what was loaded)."""
     resolve_model_paths(args)
     return build_hf_model(args) if is_hf_dir(args) else build_native_model(args)
+
+
+def _read_sidecar(path: str) -> dict | None:
+    try:
+        return read_sidecar(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"the sidecar {os.path.splitext(path)[0]}.json beside {path} is not valid JSON ({e}); "
+                        "delete it and pass the sizes as flags (--hidden_size ...), or re-save the weights") from None
 
 
 def find_weight(args) -> tuple[str, dict | None]:
     """The weight file for --weight, and its sidecar. Sizes not given on the command line come from the sidecar."""
     if args.hidden_size is not None:
         path = weight_path(args.save_dir, args.weight, args.hidden_size, bool(args.use_moe))
-        return path, read_sidecar(path)
+        return path, _read_sidecar(path)
     found = sorted(p for p in glob.glob(os.path.join(args.save_dir, f"{args.weight}_*.pth"))
                    if Path(p).stem[len(args.weight) + 1:].split("_")[0].isdigit())
     if args.use_moe is not None:
@@ -64,7 +108,22 @@ def find_weight(args) -> tuple[str, dict | None]:
     if len(found) > 1:
         raise UserError(f"several weights match --weight {args.weight}: {', '.join(found)}; "
                         "pick one with --hidden_size (and --use_moe)")
-    return found[0], read_sidecar(found[0])
+    return found[0], _read_sidecar(found[0])
+
+
+def _load_weights(model, path: str, config) -> None:
+    """load_weights, with a damaged file (empty, truncated, not a torch file) reported as one line."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise UserError(f"weight file {path} is empty (0 bytes), probably an interrupted copy or save; "
+                        "copy it again or re-run the stage that writes it")
+    try:
+        load_weights(model, path, config)
+    except UserError:
+        raise
+    except Exception as e:  # torch.load on a damaged file raises almost anything (RuntimeError, KeyError, EOFError)
+        detail = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"cannot read weight file {path} ({type(e).__name__}: {detail}): it is truncated or not a "
+                        "torch .pth file; copy it again or re-run the stage that writes it") from None
 
 
 def build_native_model(args):
@@ -87,22 +146,445 @@ def build_native_model(args):
                                       "norm_topk_prob") if k in file_cfg}
     config = MiniMindConfig(**cfg, **extra, inference_rope_scaling=args.inference_rope_scaling)
     model = MiniMindForCausalLM(config)
-    load_weights(model, path, config)
+    _load_weights(model, path, config)
     if args.lora_weight:
         from model.model_lora import apply_lora_from_file, merge_lora
         apply_lora_from_file(model, weight_path(os.path.join(args.save_dir, "lora"), args.lora_weight,
                                                 config.hidden_size, config.use_moe))
         model = merge_lora(model)  # folded into the base in fp32: generation then costs what the base costs
+    # a typed --tokenizer_path must exist; the sidecar's may name another machine's folder, then model/ is used
     tok_dir = args.tokenizer_path or (side or {}).get("tokenizer_path") or root_path("model")
-    if not os.path.isdir(tok_dir):
+    if not args.tokenizer_path and not os.path.isdir(tok_dir):
         tok_dir = root_path("model")
     print(f"loaded {path}" + (f" + LoRA {args.lora_weight}" if args.lora_weight else ""))
+    args.model_file = path
+    args.model_name = Path(path).stem + (f"+{args.lora_weight}" if args.lora_weight else "")
     return model, load_tokenizer(tok_dir)
 
 
 def build_hf_model(args):
     from transformers import AutoModelForCausalLM
+    if args.lora_weight:
+        raise UserError("--lora_weight applies to native weights; merge the LoRA when converting instead "
+                        "(scripts/convert_model.py --lora_weight NAME)")
     model = AutoModelForCausalLM.from_pretrained(args.load_from, trust_remote_code=True)
-    return model, load_tokenizer(args.load_from)
+    print(f"loaded {args.load_from}")
+    args.model_file = str(Path(args.load_from).resolve())
+    args.model_name = Path(args.model_file).name
+    return model, load_tokenizer(args.tokenizer_path or args.load_from)
 
 
+def place_model(model, device: str):
+    """Eval mode on the device; CUDA runs in bf16 (fp16 where bf16 is unsupported), the CPU in fp32."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} but CUDA is not available; pass --device cpu")
+    model = model.to(device).eval()
+    if device.startswith("cuda"):
+        model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return model
+
+
+def context_length(model) -> int:
+    return int(getattr(model.config, "max_position_embeddings", None) or 32768)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling parameters: one rule set for the CLI flags and the API fields
+
+SAMPLING_RULES = {
+    "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
+    "temperature": (lambda v: v >= 0, "must be >= 0 (0 = greedy decoding)"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "top_k": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
+}
+
+
+def sampling_flag(name: str, cast=float):
+    """An argparse type that enforces SAMPLING_RULES[name] (argparse then prints usage + the message, exit 2)."""
+    import argparse
+    ok, why = SAMPLING_RULES[name]
+
+    def parse(text):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if cast is int else 'a number'}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{text} {why}")
+        return v
+    return parse
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt building: chat template, tools, thinking switch, truncation by tokens
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str
+    dropped: int            # messages left out (oldest first) to fit the budget
+    cut_tokens: int         # tokens cut from the start of the latest message when even it alone was too long
+    in_think: bool          # the prompt ends inside an open <think> (the reply starts with reasoning)
+
+
+def message_text(content) -> str:
+    """OpenAI content is a string, null, or a list of parts ({"type": "text", "text": ...})."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+
+
+def render(tokenizer, messages, tools=None, enable_thinking=None, raw=False) -> str:
+    if raw:  # a pretrained (not chat-tuned) model continues the latest user text, no template, no history
+        return tokenizer.bos_token + next((message_text(m.get("content")) for m in reversed(messages)
+                                           if m["role"] == "user"), "")
+    kw = {} if enable_thinking is None else {"enable_thinking": bool(enable_thinking)}
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True,
+                                         **kw)
+
+
+def build_prompt(tokenizer, messages, budget: int, tools=None, enable_thinking=None, raw=False) -> Prompt:
+    """Render messages with the tokenizer's chat template, at most `budget` tokens long.
+
+    Too long: the oldest turns go first (the history is cut at a user message, so it never opens with an orphan
+    answer or tool result), the system prompt always stays; if the system prompt and the latest message alone are
+    still too long, the START of the latest message is cut by tokens (its end usually holds the question).
+    A system prompt (+ tools) that alone exceeds the budget is a ValueError."""
+    msgs = [dict(m, content=message_text(m.get("content"))) for m in messages]
+    head = msgs[:1] if msgs and msgs[0]["role"] == "system" else []
+    body = msgs[len(head):]
+
+    def encode(ms):
+        text = render(tokenizer, ms, tools, enable_thinking, raw)
+        return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # candidate starts: each user message, and the last message (kept whatever its role)
+    starts = [i for i, m in enumerate(body) if m["role"] == "user" and i < len(body) - 1] + [max(len(body) - 1, 0)]
+    lo, hi = 0, len(starts) - 1
+    while lo < hi:  # fewer messages -> fewer tokens, so binary-search the earliest start that fits
+        mid = (lo + hi) // 2
+        if len(encode(head + body[starts[mid]:])[1]) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    start = starts[lo]
+    text, ids = encode(head + body[start:])
+    cut = 0
+    if len(ids) > budget and body:
+        last = dict(body[-1])
+        last_ids = tokenizer(last["content"], add_special_tokens=False)["input_ids"]
+        overflow = len(ids) - budget
+        if overflow >= len(last_ids):
+            raise ValueError(f"the system prompt and tools alone take {len(encode(head)[1])} tokens, more than "
+                             f"the {budget} the context leaves for the prompt")
+        while len(ids) > budget and cut < len(last_ids):
+            cut = min(len(last_ids), cut + max(overflow, 1))
+            last["content"] = tokenizer.decode(last_ids[cut:])
+            text, ids = encode(head + [last])
+            overflow = len(ids) - budget
+        if len(ids) > budget:
+            raise ValueError(f"the prompt needs {len(ids)} tokens even with the latest message cut away; the context "
+                             f"leaves {budget} for it")
+        start = len(body) - 1
+    elif len(ids) > budget:
+        raise ValueError(f"the system prompt and tools take {len(ids)} tokens, more than the {budget} the context "
+                         "leaves for the prompt")
+    in_think = text.rstrip().endswith("<think>")
+    return Prompt(ids=ids, text=text, dropped=start, cut_tokens=cut, in_think=in_think)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation: model.generate in a thread, text deltas out through a queue
+
+GENERATION_LOCK = threading.Lock()  # one model per process: generations run one at a time, in arrival order
+_END = object()
+
+
+class GenerationError(RuntimeError):
+    """Generation failed inside model.generate; the stream ends with this instead of hanging."""
+
+
+class _QueueStreamer(BaseStreamer):
+    """HF streamer protocol (put/end): token ids go to a queue. The first put is the prompt (HF generate sends it
+    first); it is recognised by its content, so a generate that does not send it loses no token."""
+
+    def __init__(self, q: queue.Queue, prompt_ids: list[int]):
+        self.q, self.prompt_ids, self.first = q, prompt_ids, True
+
+    def put(self, value):
+        ids = value.reshape(-1).tolist()
+        if self.first:
+            self.first = False
+            if ids == self.prompt_ids:
+                return
+        for i in ids:
+            self.q.put(i)
+
+    def end(self):
+        pass  # the thread puts the end marker itself, also when generate raises
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Stops generate at the next step once the event is set (client gone, stop string seen, Ctrl-C)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """End of turn: the tokenizer's eos (<|im_end|>) plus whatever the model's generation config lists."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen if isinstance(gen, (list, tuple)) else [gen])
+    return sorted(i for i in ids if i is not None)
+
+
+class ChatStream:
+    """Iterate to get the reply's text deltas while model.generate runs in a background thread.
+
+    Sampling: temperature 0 = greedy; top_k 0 = off; seed fixes torch's RNG for this reply. `stop` strings end the
+    reply before them (text that might begin a stop string is held back until it is clear). cancel() or closing the
+    iterator stops generation at the next decoding step. An exception inside generate ends the iteration with
+    GenerationError. After iteration: finish_reason ("stop" | "length" | "cancelled"), completion_tokens, text."""
+
+    def __init__(self, model, tokenizer, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.85,
+                 top_p: float = 0.85, top_k: int = 0, seed: int | None = None, stop=(), lock=GENERATION_LOCK):
+        self.tokenizer, self.prompt_ids = tokenizer, list(prompt_ids)
+        self.max_new_tokens, self.stop = max_new_tokens, [s for s in stop if s]
+        self.cancelled = threading.Event()
+        self.finish_reason, self.completion_tokens, self.text = None, 0, ""
+        self.eos = eos_ids(model, tokenizer)
+        self._q: queue.Queue = queue.Queue()
+        kw = dict(max_new_tokens=max_new_tokens, eos_token_id=self.eos,
+                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0])
+        if temperature > 0:
+            kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+        else:  # greedy: the sampling knobs stay out (generate warns when they are set without sampling)
+            kw.update(do_sample=False)
+        self._thread = threading.Thread(target=self._run, args=(model, kw, seed, lock), daemon=True)
+        self._thread.start()
+        self._it = self._deltas()
+
+    def _run(self, model, kw, seed, lock):
+        try:
+            while not lock.acquire(timeout=0.05):  # queued behind another request; give up if cancelled meanwhile
+                if self.cancelled.is_set():
+                    return
+            try:
+                if self.cancelled.is_set():
+                    return
+                if seed is not None:
+                    torch.manual_seed(seed)
+                ids = torch.tensor([self.prompt_ids], dtype=torch.long, device=model.device)
+                with torch.no_grad():
+                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   streamer=_QueueStreamer(self._q, self.prompt_ids),
+                                   stopping_criteria=StoppingCriteriaList([_StopWhenSet(self.cancelled)]), **kw)
+            finally:
+                lock.release()
+        except BaseException as e:  # noqa: BLE001 -- any failure must reach the consumer, or it would wait forever
+            self._q.put(GenerationError(f"generation failed: {type(e).__name__}: {e}"))
+        finally:
+            self._q.put(_END)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def close(self) -> None:
+        self.cancel()
+        self._it.close()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the generation thread to end; True when it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _deltas(self):
+        tok, ids = self.tokenizer, []
+        prefix, read = 0, 0      # incremental detokenisation window (decode only the last few tokens each step)
+        emitted = 0              # characters of self.text already handed out
+        longest_stop = max((len(s) for s in self.stop), default=0)
+        try:
+            done = False
+            while not done:
+                batch = [self._q.get()]
+                while not self._q.empty():  # fell behind: take every waiting token, decode once
+                    batch.append(self._q.get())
+                for item in batch:
+                    if isinstance(item, GenerationError):
+                        raise item
+                    if item is _END:
+                        done = True
+                        break
+                    ids.append(item)
+                if read == len(ids):
+                    continue
+                before = tok.decode(ids[prefix:read], skip_special_tokens=True)
+                after = tok.decode(ids[prefix:], skip_special_tokens=True)
+                if len(after) <= len(before) or after.endswith("\ufffd"):
+                    continue  # an incomplete UTF-8 character: wait for the next token
+                self.text += after[len(before):]
+                prefix, read = read, len(ids)
+                if self.stop:
+                    hit = min((p for p in (self.text.find(s, max(0, emitted - longest_stop)) for s in self.stop)
+                               if p >= 0), default=-1)
+                    if hit >= 0:
+                        self.text = self.text[:hit]
+                        self.finish_reason = "stop"
+                        self.cancel()
+                        break
+                safe = len(self.text) - _held_suffix(self.text, self.stop)
+                if safe > emitted:
+                    yield self.text[emitted:safe]
+                    emitted = safe
+            if len(self.text) > emitted:
+                yield self.text[emitted:]
+            self.completion_tokens = len(ids)
+            if self.finish_reason is None:
+                if self.cancelled.is_set():
+                    self.finish_reason = "cancelled"
+                elif ids and ids[-1] in self.eos or len(ids) < self.max_new_tokens:
+                    self.finish_reason = "stop"
+                else:
+                    self.finish_reason = "length"
+        finally:
+            self.completion_tokens = len(ids)
+            self.cancel()  # consumer gone (closed, error, stop string): stop the generation thread
+
+
+def _held_suffix(text: str, tags) -> int:
+    """Length of the longest end of `text` that could be the start of one of `tags` (keep it until it is clear)."""
+    best = 0
+    for tag in tags:
+        for n in range(min(len(tag) - 1, len(text)), best, -1):
+            if text.endswith(tag[:n]):
+                best = n
+                break
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reply parsing: <think>...</think> -> reasoning, <tool_call>{json}</tool_call> -> tool calls
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+class ReplyParser:
+    """Splits a reply into events, fed whole or in arbitrary deltas (tags may be split across deltas):
+    ("reasoning", text), ("content", text), ("tool_call", {"name": str, "arguments": json-str}).
+
+    A think block counts at the start of the reply only (or from the start when the prompt already opened it:
+    in_think). Tool-call blocks are parsed only when the request had tools; one that is not valid JSON with a
+    "name" stays content. Whitespace around sections (the template's newlines) is dropped, so a streamed reply
+    and a whole reply give the same texts."""
+
+    def __init__(self, tools: bool = False, in_think: bool = False):
+        self.tools = tools
+        self.state = "think" if in_think else "start"
+        self.buf = ""
+        self.fresh = True         # at the start of a section: leading whitespace is dropped
+        self.calls = 0
+
+    def feed(self, text: str) -> list:
+        self.buf += text
+        return self._drain(final=False)
+
+    def finish(self) -> list:
+        return self._drain(final=True)
+
+    def _text(self, kind: str, text: str, final: bool, hold: int = 0) -> list:
+        """Emit `text` except its last `hold` chars (maybe a tag's start) and its trailing whitespace, which stay in
+        buf until more text shows whether they are inside the section; `final` (section or reply ends) drops them."""
+        body = text[:len(text) - hold]
+        shown = body.rstrip()
+        self.buf = "" if final else text[len(shown):]
+        if self.fresh:
+            shown = shown.lstrip()
+        if not shown:
+            return []
+        self.fresh = False
+        return [(kind, shown)]
+
+    def _drain(self, final: bool) -> list:
+        out = []
+        while True:
+            if self.state == "start":
+                rest = self.buf.lstrip()
+                if rest.startswith(THINK_OPEN):
+                    self.buf, self.state, self.fresh = rest[len(THINK_OPEN):], "think", True
+                    continue
+                if not final and (not rest or THINK_OPEN.startswith(rest)):
+                    return out  # could still become <think>
+                self.state = "content"
+                continue
+            if self.state == "think":
+                i = self.buf.find(THINK_CLOSE)
+                if i < 0:
+                    return out + self._text("reasoning", self.buf, final, 0 if final else
+                                            _held_suffix(self.buf, [THINK_CLOSE]))
+                rest = self.buf[i + len(THINK_CLOSE):]
+                out += self._text("reasoning", self.buf[:i], True)
+                self.buf, self.state, self.fresh = rest, "content", True
+                continue
+            if self.state == "content":
+                i = self.buf.find(CALL_OPEN) if self.tools else -1
+                if i < 0:
+                    hold = _held_suffix(self.buf, [CALL_OPEN]) if self.tools and not final else 0
+                    return out + self._text("content", self.buf, final, hold)
+                before, after = self.buf[:i], self.buf[i:]
+                out += self._text("content", before, True)
+                self.buf, self.state = after, "call"
+                continue
+            if self.state == "call":
+                j = self.buf.find(CALL_CLOSE)
+                if j < 0:
+                    if not final:
+                        return out
+                    self.state = "content"  # cut off (length limit): show what came as text
+                    self.tools = False
+                    continue
+                block = self.buf[:j + len(CALL_CLOSE)]
+                self.buf, self.state = self.buf[len(block):], "content"
+                call = parse_tool_call(block[len(CALL_OPEN):-len(CALL_CLOSE)])
+                if call is None:
+                    out.append(("content", block))
+                    self.fresh = False
+                else:
+                    out.append(("tool_call", call))
+                    self.calls += 1
+                continue
+
+
+def parse_tool_call(inner: str) -> dict | None:
+    """{"name": ..., "arguments": {...}} (the chat template's format) -> {"name", "arguments" as a JSON string}."""
+    try:
+        obj = json.loads(inner.strip())
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", {})
+    return {"name": obj["name"], "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}
+
+
+def parse_reply(text: str, tools: bool = False, in_think: bool = False) -> dict:
+    """A whole reply -> {"reasoning": str, "content": str, "tool_calls": [{"name", "arguments"}]} (same splitting as
+    the streaming parser)."""
+    parser = ReplyParser(tools=tools, in_think=in_think)
+    events = parser.feed(text) + parser.finish()
+    return {"reasoning": "".join(v for k, v in events if k == "reasoning"),
+            "content": "".join(v for k, v in events if k == "content"),
+            "tool_calls": [v for k, v in events if k == "tool_call"]}
