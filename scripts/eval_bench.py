@@ -48,7 +48,6 @@ import argparse
 import csv
 import inspect
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -92,7 +91,8 @@ CEVAL_SUBJECTS = {
     "art_studies": ("艺术学", "Humanities"), "professional_tour_guide": ("导游资格", "Humanities"),
     "legal_professional": ("法律职业资格", "Humanities"), "high_school_chinese": ("高中语文", "Humanities"),
     "high_school_history": ("高中历史", "Humanities"), "middle_school_history": ("初中历史", "Humanities"),
-    "civil_servant": ("公务员", "Other"), "sports_science": ("体育学", "Other"), "plant_protection": ("植物保护", "Other"),
+    "civil_servant": ("公务员", "Other"), "sports_science": ("体育学", "Other"),
+    "plant_protection": ("植物保护", "Other"),
     "basic_medicine": ("基础医学", "Other"), "clinical_medicine": ("临床医学", "Other"),
     "urban_and_rural_planner": ("注册城乡规划师", "Other"), "accountant": ("注册会计师", "Other"),
     "fire_engineer": ("注册消防工程师", "Other"),
@@ -117,7 +117,8 @@ CMMLU_SUBJECTS = {
     "chinese_teacher_qualification": ("中国教师资格", "Social Science", True),
     "clinical_knowledge": ("临床知识", "Other", False), "college_actuarial_science": ("大学精算学", "STEM", False),
     "college_education": ("大学教育学", "Social Science", False),
-    "college_engineering_hydrology": ("大学工程水文学", "STEM", False), "college_law": ("大学法律", "Humanities", False),
+    "college_engineering_hydrology": ("大学工程水文学", "STEM", False),
+    "college_law": ("大学法律", "Humanities", False),
     "college_mathematics": ("大学数学", "STEM", False), "college_medical_statistics": ("大学医学统计", "STEM", False),
     "college_medicine": ("大学医学", "Other", False), "computer_science": ("计算机科学", "STEM", False),
     "computer_security": ("计算机安全", "Other", False), "conceptual_physics": ("概念物理学", "STEM", False),
@@ -129,7 +130,8 @@ CMMLU_SUBJECTS = {
     "elementary_mathematics": ("初等数学", "STEM", False), "ethnology": ("民族学", "Social Science", True),
     "food_science": ("食品科学", "Other", False), "genetics": ("遗传学", "STEM", False),
     "global_facts": ("全球事实", "Humanities", False), "high_school_biology": ("高中生物", "STEM", False),
-    "high_school_chemistry": ("高中化学", "STEM", False), "high_school_geography": ("高中地理", "Social Science", False),
+    "high_school_chemistry": ("高中化学", "STEM", False),
+    "high_school_geography": ("高中地理", "Social Science", False),
     "high_school_mathematics": ("高中数学", "STEM", False), "high_school_physics": ("高中物理学", "STEM", False),
     "high_school_politics": ("高中政治", "Social Science", True), "human_sexuality": ("人类性行为", "Other", False),
     "international_law": ("国际法学", "Humanities", False), "journalism": ("新闻学", "Social Science", False),
@@ -138,7 +140,8 @@ CMMLU_SUBJECTS = {
     "management": ("管理学", "Social Science", False), "marketing": ("市场营销", "Social Science", False),
     "marxist_theory": ("马克思主义理论", "Humanities", False), "modern_chinese": ("现代汉语", "Social Science", True),
     "nutrition": ("营养学", "Other", False), "philosophy": ("哲学", "Humanities", False),
-    "professional_accounting": ("专业会计", "Social Science", False), "professional_law": ("专业法学", "Humanities", False),
+    "professional_accounting": ("专业会计", "Social Science", False),
+    "professional_law": ("专业法学", "Humanities", False),
     "professional_medicine": ("专业医学", "Other", False),
     "professional_psychology": ("专业心理学", "Social Science", False),
     "public_relations": ("公共关系", "Social Science", False), "security_study": ("安全研究", "Social Science", False),

@@ -19,18 +19,21 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from trainer.trainer_utils import UserError, run_main  # noqa: E402
+
+class UserError(SystemExit):
+    """Bad input: exits with one line on stderr (status 1), no traceback. Not the spine's UserError: importing
+    trainer/ would pull in torch (seconds) for a script that only reads JSON."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
 
 SKIP = {"epoch", "step", "global_step", "eta_min"}
 # a readable order for the usual keys; anything else follows alphabetically
@@ -47,7 +50,8 @@ def run_name(path: Path) -> str:
 
 
 def read_run(path: Path, x_key: str) -> tuple[str, dict[float, dict]]:
-    """x value -> row (the last row for each x: a resumed run repeats steps). Returns (x axis name, rows)."""
+    """(x axis name, {x: row}) in x order. Where x goes back (a resumed run re-logging steps), the rows the earlier
+    attempt logged from that x on are dropped: the curve shows the run that continued."""
     if not path.is_file():
         raise UserError(f"{path} not found; metrics files are checkpoints/{{weight}}_{{hidden}}_metrics.jsonl")
     rows = []
@@ -69,10 +73,15 @@ def read_run(path: Path, x_key: str) -> tuple[str, dict[float, dict]]:
     if not rows:
         raise UserError(f"{path} holds no rows; the run has not logged yet (see --log_interval)")
     axis = next((k for k in (x_key, "global_step", "step") if all(is_number(r.get(k)) for r in rows)), None)
-    by_x = {}
+    if axis != x_key:
+        print(f"note: {path} has no numeric {x_key!r} in every row; x axis = {axis or 'row number'}")
+    kept: list[tuple[float, dict]] = []
     for i, row in enumerate(rows):
-        by_x[float(row[axis]) if axis else float(i)] = row  # later rows replace earlier ones at the same x
-    return axis or "row", dict(sorted(by_x.items()))
+        x = float(row[axis]) if axis else float(i)
+        while kept and kept[-1][0] >= x:
+            kept.pop()
+        kept.append((x, row))
+    return axis or "row", dict(kept)
 
 
 def is_number(v) -> bool:
@@ -97,7 +106,9 @@ def ema(values: list[float], weight: float) -> list[float]:
     return out
 
 
-def plot(runs: dict, keys: list[str], out: Path, smooth: float, logy: set[str], title: str | None, dpi: int) -> None:
+def plot(runs: dict, keys: list[str], out: Path, smooth: float, logy: set[str], title: str | None,
+         dpi: int) -> dict:
+    """Draw and save one PNG; returns what it drew (path, runs, metrics)."""
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.1 * nrows), squeeze=False, layout="constrained")
@@ -147,6 +158,7 @@ def plot(runs: dict, keys: list[str], out: Path, smooth: float, logy: set[str], 
         if tmp.exists():
             tmp.unlink()
     print(f"wrote {out} ({len(keys)} metrics, {len(runs)} run{'s' if len(runs) > 1 else ''})")
+    return {"path": str(out), "runs": list(runs), "keys": keys}
 
 
 def main(argv=None):
@@ -182,14 +194,15 @@ def main(argv=None):
         raise UserError(f"--keys {','.join(missing)} not found (numeric) in any file")
     logy = {k.strip() for k in args.logy.split(",") if k.strip()}
     out = Path(args.out)
-    if args.per_run:
-        for name, run in runs.items():
-            own = [k for k in keys if any(is_number(r.get(k)) for r in run[1].values())]
-            plot({name: run}, own, out.with_name(f"{out.stem}_{name.replace('/', '_')}{out.suffix or '.png'}"),
-                 args.smooth, logy, args.title, args.dpi)
-    else:
-        plot(runs, keys, out, args.smooth, logy, args.title, args.dpi)
+    if not args.per_run:
+        return [plot(runs, keys, out, args.smooth, logy, args.title, args.dpi)]
+    written = []
+    for name, run in runs.items():
+        own = [k for k in keys if any(is_number(r.get(k)) for r in run[1].values())]
+        path = out.with_name(f"{out.stem}_{name.replace('/', '_')}{out.suffix or '.png'}")
+        written.append(plot({name: run}, own, path, args.smooth, logy, args.title, args.dpi))
+    return written
 
 
 if __name__ == "__main__":
-    run_main(main)
+    main()

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -59,7 +58,8 @@ def expected_always_a(bench: str) -> dict:
     split, pattern = ("val", "*_val.csv") if bench == "ceval" else ("test", "*.csv")
     per = {}
     for path in sorted((SAMPLE / bench / split).glob(pattern)):
-        rows = list(csv.DictReader(open(path, encoding="utf-8")))
+        with open(path, encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
         answers = [r.get("answer") or r.get("Answer") for r in rows]
         name = path.name[:-len("_val.csv")] if bench == "ceval" else path.stem
         per[name] = (answers.count("A"), len(answers))
@@ -124,7 +124,8 @@ def test_prompts_render_as_published(tokenizer):
                    "IPv4 地址的长度是多少位？\nA. 16\nB. 32\nC. 64\nD. 128\n答案：")
     chat = eb.render_prompt(ceval, net, net.dev[:1], net.items[1], "chat", tokenizer)
     assert chat == ("<|im_start|>user\n以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。\n\n"
-                    "在 TCP/IP 模型中，IP 协议工作在哪一层？\nA. 应用层\nB. 传输层\nC. 网络层\nD. 链路层\n答案：<|im_end|>\n"
+                    "在 TCP/IP 模型中，IP 协议工作在哪一层？\nA. 应用层\nB. 传输层\nC. 网络层\nD. 链路层\n"
+                    "答案：<|im_end|>\n"
                     "<|im_start|>assistant\nC<|im_end|>\n"
                     "<|im_start|>user\nIPv4 地址的长度是多少位？\nA. 16\nB. 32\nC. 64\nD. 128\n答案：<|im_end|>\n"
                     "<|im_start|>assistant\n")
@@ -133,7 +134,8 @@ def test_prompts_render_as_published(tokenizer):
     econ = next(s for s in eb.load_benchmark(SAMPLE / "cmmlu", cmmlu, ["economics"], None, 1))
     assert eb.render_prompt(cmmlu, econ, econ.dev, econ.items[3], "raw") == (
         "以下是关于经济学的单项选择题，请直接给出正确答案的选项。\n\n"
-        "题目：在其他条件不变时，一种商品的价格上升，它的需求量通常会\nA. 上升\nB. 下降\nC. 不变\nD. 先升后降\n答案是：B\n\n"
+        "题目：在其他条件不变时，一种商品的价格上升，它的需求量通常会\n"
+        "A. 上升\nB. 下降\nC. 不变\nD. 先升后降\n答案是：B\n\n"
         "题目：下列税种中属于直接税的是\nA. 增值税\nB. 个人所得税\nC. 消费税\nD. 关税\n答案是：")
     # raw prompts start with BOS (as pretraining samples did); the letters are the bare tokens that follow "答案："
     ids = eb.encode(tokenizer, raw, "raw", bos=True)
@@ -163,9 +165,11 @@ def test_long_prompts_lose_shots_from_the_left(tokenizer):
 def test_batched_left_padding_equals_one_at_a_time(tiny_sft, tokenizer):
     """Real models: a left-padded batch gives each prompt the log-probs it gets alone (MiniMind derives positions
     from the mask; a Llama gets position ids from the script)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from trainer.chat_utils import add_model_args, load_model
     import argparse
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.chat_utils import add_model_args, load_model
     p = argparse.ArgumentParser()
     add_model_args(p)
     minimind, _ = load_model(p.parse_args(["--weight", "full_sft", "--save_dir", str(tiny_sft / "out")]))
@@ -192,7 +196,7 @@ def test_cli_on_tiny_checkpoint(tiny_sft, tmp_path):
     res = json.loads(out.read_text())
     assert res["benchmark"] == "cmmlu" and res["split"] == "test" and res["template"] == "chat"
     total = correct = 0
-    for name, r in res["subjects"].items():
+    for r in res["subjects"].values():
         assert len(r["preds"]) == len(r["answers"]) == r["total"] == len(r["letter_logprobs"])
         assert r["correct"] == sum(p == a for p, a in zip(r["preds"], r["answers"]))
         # the prediction is the letter with the highest log-prob
