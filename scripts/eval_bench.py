@@ -354,9 +354,11 @@ def letter_logprobs(model, prompts: list[list[int]], letter_ids: list[list[int]]
             mask[r, width - len(prompts[i]):] = 1
         ids, mask = ids.to(device), mask.to(device)
         kwargs = {"logits_to_keep": 1} if keep_last else {}
-        if derive_positions:
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits[:, -1].float()
+        if not bool(mask.all()):  # without padding no mask is passed: the model's plain causal path is faster
+            kwargs["attention_mask"] = mask
+            if derive_positions:
+                kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, **kwargs).logits[:, -1].float()
         logp = logits.log_softmax(-1).cpu()
         for j, variants in enumerate(letter_ids):
             out[idx, j] = logp[:, variants].max(-1).values

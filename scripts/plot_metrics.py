@@ -124,7 +124,7 @@ def plot(runs: dict, keys: list[str], out: Path, smooth: float, logy: set[str], 
             marker = "o" if len(xs) <= 30 else None  # sparse logs: show where the points are
             if smooth > 0:
                 ax.plot(xs, ys, color=color, alpha=0.25, linewidth=1)
-                ax.plot(xs, ema(ys, smooth), color=color, label=name, linewidth=1.6)
+                ax.plot(xs, ema(ys, smooth), color=color, label=name, linewidth=1.6, marker=marker, markersize=3)
             else:
                 ax.plot(xs, ys, color=color, label=name, linewidth=1.4, marker=marker, markersize=3)
         ax.set_title(key, fontsize=11)

@@ -42,11 +42,13 @@ class AlwaysA(torch.nn.Module):
         self.config = SimpleNamespace(model_type="stub", max_position_embeddings=4096)
         self.a = tokenizer.convert_tokens_to_ids("A")
         self.vocab = len(tokenizer)
-        self.calls = []
+        self.calls, self.padded = [], 0
 
-    def forward(self, input_ids, attention_mask, position_ids=None, logits_to_keep=0):
-        assert bool(attention_mask[:, -1].all()), "every prompt must end at the last column (left padding)"
-        assert torch.equal(position_ids, (attention_mask.cumsum(-1) - 1).clamp(min=0))
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0):
+        if attention_mask is not None:  # a batch with padding: left-padded, positions counted from the first token
+            assert bool(attention_mask[:, -1].all()) and not bool(attention_mask.all())
+            assert torch.equal(position_ids, (attention_mask.cumsum(-1) - 1).clamp(min=0))
+            self.padded += 1
         self.calls.append(tuple(input_ids.shape))
         logits = torch.zeros(input_ids.shape[0], 1, self.vocab)
         logits[..., self.a] = 5.0
@@ -93,7 +95,7 @@ def test_always_a_stub_scores_exactly(bench, tokenizer, tmp_path, monkeypatch, c
     # batches of 3, longest prompts first; the table shows overall micro and macro with 25% beside them
     assert [c[0] for c in stub.calls] == [3] * (total // 3) + ([total % 3] if total % 3 else [])
     widths = [c[1] for c in stub.calls]
-    assert widths == sorted(widths, reverse=True)
+    assert widths == sorted(widths, reverse=True) and stub.padded > 0
     table = capsys.readouterr().out
     overall = next(line for line in table.splitlines() if line.startswith("Overall"))
     assert overall.split()[1:] == [str(total), f"{100 * correct / total:.2f}",
