@@ -215,7 +215,7 @@ def test_scorer_sequence_classifier_dir(tok, tmp_path):
     from transformers import AutoModelForSequenceClassification
     path = make_reward_model(tmp_path / "rm", tok)
     scorer = RewardScorer(rl_args(reward_model_path=str(path), answer_reward=0.0), tok, "cpu")
-    assert scorer.rm is None  # loaded lazily, at the first call
+    assert scorer.rm is not None and scorer.rm_kind == "classifier"  # loaded (and tried) at start-up
     comps = ["Eight.", "3+5=8, and 8+8=16.", "no"]
     r, _ = scorer([PROMPTS[1], PROMPTS[1], PROMPTS[0]], comps, ["16"] * 3)
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
