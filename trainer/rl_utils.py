@@ -297,9 +297,15 @@ def completion_logprobs(model, rollout_or_ids, attention_mask: torch.Tensor | No
     extra logits tensor is made.
 
     The attention mask is passed (left padding and post-EOS pads are not attended; positions come from it) and
-    the lm_head runs only over the R + 1 last positions (the R that predict completion tokens, plus one). Call it under the caller's ctx.autocast()
-    for policy, old policy and reference alike, and under torch.no_grad() for the frozen ones. aux_loss is the MoE
-    load-balancing loss of this same forward (0 for dense models and in eval mode).
+    the lm_head runs only over the R + 1 last positions (the R that predict completion tokens, plus one). Call it
+    under the caller's ctx.autocast() for policy, old policy and reference alike, and under torch.no_grad() for the
+    frozen ones. aux_loss is the MoE load-balancing loss of this same forward (0 for dense models and in eval mode).
+
+    Under --use_compile 1 the lengths change every step. The sequence dim is marked dynamic and logits_to_keep is a
+    plain int, so dynamo traces dynamic-shape graphs: after the first steps (where the model's own graph breaks see
+    their int arguments change once) new prompt/completion lengths and batch sizes reuse the compiled graphs
+    (tests/test_rl_utils.py counts the frames). Padding completions to length buckets is therefore not needed; it
+    would only add padded work.
     """
     if isinstance(rollout_or_ids, Rollout):
         ids, attention_mask, P = rollout_or_ids.input_ids, rollout_or_ids.attention_mask, rollout_or_ids.prompt_len
@@ -450,23 +456,19 @@ def remote_code_error(path: str | None, exc: Exception) -> UserError | None:
     what = f"{type(exc).__name__}: {exc}".strip()
     if frame is None:
         if isinstance(exc, ImportError):  # e.g. sentencepiece for InternLM2's tokenizer, einops, ...
-            return UserError(f"reward model {path} needs a package this environment lacks: {what}. Install it into "
-                             "this environment (pip install <package>) and run again, or pass another "
-                             "--reward_model_path")
+            return UserError(f"reward model {path} needs a package this environment lacks: {what} (or pass another "
+                             "--reward_model_path)")
         return None
-    name = os.path.basename(frame.filename)
-    line = (frame.line or "").strip()
+    name, ver = os.path.basename(frame.filename), transformers.__version__
     return UserError(
-        f"reward model {path}: its own code ({name}, loaded with trust_remote_code) fails under transformers "
-        f"{transformers.__version__}: {what}\n  at {name} line {frame.lineno}: {line}\n"
-        "This model's code was written for an older transformers (4.x), which removed or changed that name. "
-        f"Fix one of: (1) edit {os.path.join(path or '.', name)} line {frame.lineno} for transformers "
-        f"{transformers.__version__} (the folder is yours; transformers re-copies it on the next run); "
-        "(2) use a reward model that loads without remote code: an HF *ForSequenceClassification checkpoint with "
-        "num_labels 1 (scored as logits[0]); (3) score with that model in a separate environment pinned to the "
-        "transformers version its model card names (e.g. pip install 'transformers<5'; this repo is tested with "
-        f"{transformers.__version__} only); (4) --reward_model_path none with --reasoning 1 (format rewards) or "
-        "a dataset with numeric answers")
+        f"reward model {path}: its own code ({name}, trust_remote_code) fails under transformers {ver}: {what}\n"
+        f"  at {name} line {frame.lineno}: {(frame.line or '').strip()}\n"
+        "The model's code was likely written for an older transformers. Fix one of: (1) edit "
+        f"{os.path.join(path or '.', name)} line {frame.lineno} to work with transformers {ver} (the folder's code "
+        "is copied again on the next run); (2) use a reward model that loads without remote code: an HF "
+        "*ForSequenceClassification checkpoint with num_labels 1; (3) a separate environment with the older "
+        f"transformers the model was written for (pip install 'transformers<5'; this repo is tested with {ver} only); "
+        "(4) --reward_model_path none with --reasoning 1 (format rewards) or a dataset with numeric answers")
 
 
 @contextlib.contextmanager
