@@ -17,8 +17,8 @@ from conftest import ROOT
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.rl_utils import (DEFAULT_REWARD_MODEL_PATH, RewardScorer, answer_reward, check_reward_source,
                               completion_logprobs, completion_mask_from_ids, encode_prompts, final_answer, fit_prompt,
-                              format_reward, frozen_copy, k3_kl, masked_mean, prompt_messages, rollout,
-                              selected_logprobs)
+                              format_reward, frozen_copy, k3_kl, load_rl_dataset, masked_mean, prompt_messages,
+                              rollout, selected_logprobs)
 from trainer.trainer_utils import UserError, load_tokenizer
 
 PROMPTS = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
@@ -397,3 +397,12 @@ def test_no_reward_source_is_an_error_at_start_up(tok, tmp_path, capsys):
     mixed, f = data(["7", "Paris.", "a", "2.5"])
     check_reward_source(scorer, mixed, f)
     assert "2 of 4 sampled prompts have no numeric reference answer" in capsys.readouterr().out
+
+
+def test_load_rl_dataset_passes_skip_bad_lines_when_the_flag_exists(tok, monkeypatch):
+    import dataset.lm_dataset as lm_dataset
+    seen = []
+    monkeypatch.setattr(lm_dataset, "RLAIFDataset", lambda path, tokenizer, **kw: seen.append((path, kw)))
+    load_rl_dataset(Namespace(data_path="rl.jsonl", max_seq_len=66, skip_bad_lines=1), tok)
+    load_rl_dataset(Namespace(data_path="rl.jsonl", max_seq_len=66), tok)  # before the common flag exists
+    assert seen == [("rl.jsonl", {"max_length": 66, "skip_bad_lines": 1}), ("rl.jsonl", {"max_length": 66})]
