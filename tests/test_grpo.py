@@ -16,7 +16,7 @@ from conftest import DEMO, ROOT, TINY, dirs, read_metrics, run_torchrun
 from test_rl_utils import PROMPTS, LengthScore, make_remote_code_reward_model, run_main_in_process, tiny_model
 from trainer import train_grpo
 from trainer.rl_utils import completion_logprobs, frozen_copy, k3_kl, policy_kl_loss, rollout
-from trainer.trainer_utils import build_optimizer, load_tokenizer
+from trainer.trainer_utils import UserError, build_optimizer, load_tokenizer
 
 RL = ["--data_path", str(DEMO / "rlaif.jsonl"), "--max_gen_len", "10", "--num_generations", "3", "--batch_size",
       "2", "--learning_rate", "1e-4", "--log_interval", "1", "--save_interval", "1"]
@@ -155,3 +155,9 @@ def test_in_process_with_get_score_object_and_reasoning(sft_copy, monkeypatch):
     rows = read_metrics(sft_copy, "grpo")
     assert len(rows) == 2 and {"reward_format", "reward_model", "reward_answer"} <= set(rows[0])
     assert (sft_copy / "out" / "grpo_64.pth").exists()
+
+
+def test_one_generation_needs_two_completions_per_step(sft_copy, monkeypatch):
+    with pytest.raises(UserError, match="needs >= 2 completions per step"):
+        run_main_in_process(train_grpo, monkeypatch, *TINY, *dirs(sft_copy), *RL, "--num_generations", "1",
+                            "--batch_size", "1")
