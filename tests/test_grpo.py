@@ -1,19 +1,22 @@
-"""GRPO: advantages, k3 KL and the loss against hand computations; one update moves a completion's log-prob the
-way its advantage says; the script runs under torchrun (tiny classifier reward model), resumes in one process
-(no reward model), and runs in-process with a get_score object, all on the demo RL prompts.
+"""GRPO: advantages, k3 KL and the loss against hand computations; with --num_generations 1 the batch of all ranks
+is the baseline and rewards reach the gradient; one update moves a completion's log-prob the way its advantage
+says; the user's command shape (--num_generations 1 --reasoning 0, a trust_remote_code reward model with get_score)
+runs under torchrun and resumes on one process without the reward model; and the script runs in-process with a
+get_score object and groups of 3, all on the demo RL prompts.
 
     python -m pytest tests/test_grpo.py -q
 """
 import math
+import threading
 
 import pytest
 import torch
 
-from conftest import DEMO, ROOT, TINY, dirs, read_metrics, run_script, run_torchrun
-from test_rl_utils import PROMPTS, LengthScore, make_reward_model, run_main_in_process, tiny_model
+from conftest import DEMO, ROOT, TINY, dirs, read_metrics, run_torchrun
+from test_rl_utils import PROMPTS, LengthScore, make_remote_code_reward_model, run_main_in_process, tiny_model
 from trainer import train_grpo
 from trainer.rl_utils import completion_logprobs, frozen_copy, k3_kl, policy_kl_loss, rollout
-from trainer.trainer_utils import build_optimizer, load_tokenizer
+from trainer.trainer_utils import UserError, build_optimizer, load_tokenizer
 
 RL = ["--data_path", str(DEMO / "rlaif.jsonl"), "--max_gen_len", "10", "--num_generations", "3", "--batch_size",
       "2", "--learning_rate", "1e-4", "--log_interval", "1", "--save_interval", "1"]
@@ -26,7 +29,54 @@ def test_group_advantages_by_hand():
     expected = [0.5 / (0.5 + 1e-4), -0.5 / (0.5 + 1e-4), -0.5 / (0.5 + 1e-4), 0.5 / (0.5 + 1e-4), 0, 0, 0, 0,
                 2.25 / (s3 + 1e-4), -0.75 / (s3 + 1e-4), -0.75 / (s3 + 1e-4), -0.75 / (s3 + 1e-4)]
     assert a.tolist() == pytest.approx(expected, rel=1e-6)
-    assert train_grpo.group_advantages(torch.tensor([0.3, 2.0]), 1).tolist() == [0.0, 0.0]
+    assert train_grpo.group_advantages(torch.tensor([0.3, 2.0]), 1).tolist() == [0.0, 0.0]  # why G=1 needs more
+
+
+def test_batch_advantages_with_one_generation_use_all_ranks():
+    a, mean, std = train_grpo.batch_advantages(torch.tensor([1.0, 0.0]))  # one process
+    assert a.tolist() == pytest.approx([0.5 / (0.5 + 1e-4), -0.5 / (0.5 + 1e-4)]) and (mean, std) == (0.5, 0.5)
+
+    # two ranks (threads sharing an in-place summing all_reduce): the baseline is over all four completions
+    per_rank, slots, out = [torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.5])], [None, None], [None, None]
+    barrier = threading.Barrier(2, timeout=10)
+
+    def all_reduce(t, rank):
+        slots[rank] = t.clone()
+        barrier.wait()
+        t.copy_(slots[0] + slots[1])
+        barrier.wait()
+
+    threads = [threading.Thread(target=lambda k=k: out.__setitem__(
+        k, train_grpo.batch_advantages(per_rank[k], all_reduce=lambda t: all_reduce(t, k)))) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = torch.tensor([1.0, 0.0, 3.0, 0.5])
+    m, s = every.mean().item(), every.std(unbiased=False).item()
+    torch.testing.assert_close(torch.cat([out[0][0], out[1][0]]), (every - m) / (s + 1e-4))
+    assert out[0][1].item() == out[1][1].item() == pytest.approx(m)
+    assert out[0][0][0] < 0  # rank 0's best (1.0) is below the global mean 1.125: a local baseline would reward it
+
+
+def test_with_one_generation_rewards_reach_the_gradient():
+    tok = load_tokenizer(str(ROOT / "model"))
+    model = tiny_model(seed=1)
+    ref = frozen_copy(model)
+    ro = rollout(model, tok, PROMPTS, num_return_sequences=1, max_new_tokens=6, max_prompt_len=200)
+    rewards = torch.tensor([1.0, 0.0])
+    logp, _ = completion_logprobs(model, ro)
+    logp.retain_grad()
+    with torch.no_grad():
+        ref_logp, _ = completion_logprobs(ref, ro)
+    adv, _, _ = train_grpo.batch_advantages(rewards)
+    assert adv[0] > 0 > adv[1]
+    loss, _ = policy_kl_loss(logp, ref_logp, adv, ro.completion_mask, beta=0.02)
+    loss.backward()
+    # d loss / d logp = -A_i / n_i / N on each completion's tokens (the k3 gradient is 0 while policy == reference)
+    m = ro.completion_mask
+    torch.testing.assert_close(logp.grad, -adv[:, None] / m.sum(1, keepdim=True) / 2 * m)
+    assert sum(p.grad.abs().sum() for p in model.parameters() if p.grad is not None) > 0
 
 
 def test_k3_and_loss_by_hand():
@@ -68,25 +118,31 @@ def test_one_update_moves_logprob_with_the_advantage(advantage):
     assert delta * advantage > 0, delta
 
 
-def test_torchrun_with_classifier_reward_model_then_resume_without(sft_copy):
+def test_user_command_shape_under_torchrun_then_resume_on_one_process(sft_copy, monkeypatch, capsys):
+    """The seed's GRPO command: --num_generations 1 --reasoning 0 with a trust_remote_code get_score reward model."""
     tok = load_tokenizer(str(ROOT / "model"))
-    rm = make_reward_model(sft_copy / "rm", tok)
-    out = run_torchrun("trainer/train_grpo.py", *TINY, *dirs(sft_copy), *RL, "--reasoning", "0",
-                       "--reward_model_path", rm, "--max_steps", "2", tmp=sft_copy)
+    rm, _, _ = make_remote_code_reward_model(sft_copy / "tinyrm", tok)
+    flags = [*TINY, *dirs(sft_copy), *RL, "--num_generations", "1", "--batch_size", "3", "--reasoning", "0"]
+    out = run_torchrun("trainer/train_grpo.py", *flags, "--reward_model_path", rm, "--max_steps", "2", tmp=sft_copy)
     assert "weights identical on all 2 ranks" in out and "loaded reward model" in out
+    assert "the batch is the baseline" in out and "the 6 completions of each step on all 2 rank(s)" in out
     rows = read_metrics(sft_copy, "grpo")
     assert [r["global_step"] for r in rows] == [1, 2]
     for key in ("reward", "reward_std", "reward_model", "reward_answer", "kl", "advantage_mean", "advantage_std",
-                "completion_len", "policy_loss", "aux_loss", "lr", "tokens_per_s"):
+                "baseline", "baseline_std", "completion_len", "policy_loss", "aux_loss", "lr", "tokens_per_s"):
         assert key in rows[0], key
-    assert all(0 < r["completion_len"] <= 10 for r in rows)
-    assert all(abs(r["reward_model"]) <= 3 for r in rows)
+    for r in rows:
+        assert 0 < r["completion_len"] <= 10 and abs(r["reward_model"]) <= 3
+        # every rank holds the same global baseline; the rank-averaged reward means are that mean too (3 per rank)
+        assert r["baseline"] == pytest.approx(r["reward"], abs=1e-5)
+        assert r["baseline_std"] > 0 and r["advantage_std"] > 0  # rewards differ, so the advantages are not all 0
     assert (sft_copy / "out" / "grpo_64.pth").exists()
 
     # resume on one process (another world size), now without a reward model
-    proc = run_script("trainer/train_grpo.py", *TINY, *dirs(sft_copy), *RL, "--reasoning", "0",
-                      "--reward_model_path", "none", "--from_resume", "1", "--max_steps", "3", tmp=sft_copy)
-    assert "resumed from" in proc.stdout and "no reward model" in proc.stdout
+    run_main_in_process(train_grpo, monkeypatch, *flags, "--reward_model_path", "none", "--from_resume", "1",
+                        "--max_steps", "3")
+    stdout = capsys.readouterr().out
+    assert "resumed from" in stdout and "no reward model" in stdout and "the 3 completions" in stdout
     rows = read_metrics(sft_copy, "grpo")
     assert rows[-1]["global_step"] == 3 and "reward_model" not in rows[-1]
 
@@ -99,3 +155,9 @@ def test_in_process_with_get_score_object_and_reasoning(sft_copy, monkeypatch):
     rows = read_metrics(sft_copy, "grpo")
     assert len(rows) == 2 and {"reward_format", "reward_model", "reward_answer"} <= set(rows[0])
     assert (sft_copy / "out" / "grpo_64.pth").exists()
+
+
+def test_one_generation_needs_two_completions_per_step(sft_copy, monkeypatch):
+    with pytest.raises(UserError, match="needs >= 2 completions per step"):
+        run_main_in_process(train_grpo, monkeypatch, *TINY, *dirs(sft_copy), *RL, "--num_generations", "1",
+                            "--batch_size", "1")

@@ -216,12 +216,19 @@ def test_get_score_reward_and_resume_restores_critic_and_old_actor(sft_copy, mon
         assert all(torch.allclose(a[name][k], b[name][k], atol=1e-6) for k in a[name]), name
 
 
-def test_runs_without_reward_model_with_reasoning_rewards_and_moe(tmp_path, capsys):
+def test_runs_without_reward_model_with_reasoning_rewards_and_moe(tmp_path, capsys, monkeypatch):
     # a random MoE policy: exercises the aux losses of actor and critic; rule-based rewards only
-    train_ppo.main(ppo_argv(tmp_path, "--max_steps", "2", "--reasoning", "1", "--use_moe", "1",
-                            "--from_weight", "none", "--reward_model_path", "none"))
+    calls = []
+    monkeypatch.setattr(train_ppo, "completion_logprobs",
+                        lambda model, *a, **kw: calls.append(model) or completion_logprobs(model, *a, **kw))
+    train_ppo.main(ppo_argv(tmp_path, "--max_steps", "3", "--reasoning", "1", "--use_moe", "1",
+                            "--from_weight", "none", "--reward_model_path", "none", "--update_old_actor_freq", "2"))
+    # log-prob forwards: actor + reference, and the old actor only in step 2, where it lags the actor by one update
+    # (steps 1 and 3 follow a sync, so the actor's own log-probs are reused)
+    assert len(calls) == 2 + 3 + 2
     rows = read_metrics(tmp_path, "ppo_actor", moe=True)
-    assert [r["global_step"] for r in rows] == [1, 2] and "reward_model" not in rows[-1]
+    assert [r["global_step"] for r in rows] == [1, 2, 3] and "reward_model" not in rows[-1]
+    assert rows[0]["ratio"] == 1.0 and rows[0]["approx_kl"] == 0.0 and rows[0]["kl_ref"] == 0.0
     assert "reward_format" in rows[-1] and rows[-1]["aux_loss"] > 0 and math.isfinite(rows[-1]["loss"])
     assert "no reward model" in capsys.readouterr().out
     with pytest.raises(UserError, match="update_old_actor_freq"):

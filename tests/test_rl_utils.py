@@ -1,8 +1,12 @@
 """rl_utils: prompt shortening keeps the chat markup, left-padded log-probs equal unpadded ones, policy and reference
-agree when their weights do, the chunked fp32 log-softmax is exact, and every reward source scores as documented.
+agree when their weights do, the chunked fp32 log-softmax is exact, a compiled policy does not recompile as the
+prompt/completion lengths change, every reward source scores as documented (including a trust_remote_code reward
+model with get_score, the way internlm2-1_8b-reward loads, and the one-line message when its code fails), and a run
+that could never be paid a reward stops at start-up.
 
     python -m pytest tests/test_rl_utils.py -q
 """
+import json
 import sys
 from argparse import Namespace
 
@@ -11,9 +15,10 @@ import torch
 
 from conftest import ROOT
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.rl_utils import (DEFAULT_REWARD_MODEL_PATH, RewardScorer, answer_reward, completion_logprobs,
-                              completion_mask_from_ids, encode_prompts, final_answer, fit_prompt, format_reward,
-                              frozen_copy, k3_kl, masked_mean, prompt_messages, rollout, selected_logprobs)
+from trainer.rl_utils import (DEFAULT_REWARD_MODEL_PATH, RewardScorer, answer_reward, check_reward_source,
+                              completion_logprobs, completion_mask_from_ids, encode_prompts, final_answer, fit_prompt,
+                              format_reward, frozen_copy, k3_kl, load_rl_dataset, masked_mean, prompt_messages,
+                              rollout, selected_logprobs)
 from trainer.trainer_utils import UserError, load_tokenizer
 
 PROMPTS = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
@@ -46,6 +51,64 @@ def make_reward_model(path, tokenizer, seed=0):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+REMOTE_CONFIG = """from transformers import PretrainedConfig
+
+
+class TinyRMConfig(PretrainedConfig):
+    model_type = "tinyrm"
+
+    def __init__(self, vocab_size=6400, hidden_size=8, **kwargs):
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        super().__init__(**kwargs)
+"""
+
+REMOTE_MODELING = """import torch
+from torch import nn
+from transformers import PreTrainedModel{extra_import}
+
+from .configuration_tinyrm import TinyRMConfig
+
+
+class TinyRewardModel(PreTrainedModel):
+    config_class = TinyRMConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.v_head = nn.Linear(config.hidden_size, 1, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids):
+        return self.v_head(self.embed(input_ids).mean(dim=1)).squeeze(-1)
+
+    @torch.no_grad()
+    def get_score(self, tokenizer, conversation):{extra_call}
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(self.device)
+        return self.forward(ids)[0].item()
+"""
+
+
+def make_remote_code_reward_model(path, tokenizer, extra_import="", extra_call="", seed=0):
+    """A reward model that loads only through trust_remote_code, like internlm2-1_8b-reward: its own config.json
+    with auto_map, configuration_tinyrm.py and modeling_tinyrm.py (a PreTrainedModel with get_score(tokenizer,
+    chat)), safetensors weights and a tokenizer (ours). Score = v_head . mean of the token embeddings.
+    Returns (path, embed [V, 8], v_head [1, 8])."""
+    from safetensors.torch import save_file
+    path.mkdir(parents=True)
+    (path / "configuration_tinyrm.py").write_text(REMOTE_CONFIG)
+    (path / "modeling_tinyrm.py").write_text(REMOTE_MODELING.format(extra_import=extra_import, extra_call=extra_call))
+    tokenizer.save_pretrained(path)
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "tinyrm", "architectures": ["TinyRewardModel"], "vocab_size": len(tokenizer), "hidden_size": 8,
+        "auto_map": {"AutoConfig": "configuration_tinyrm.TinyRMConfig",
+                     "AutoModel": "modeling_tinyrm.TinyRewardModel"}}))
+    g = torch.Generator().manual_seed(seed)
+    embed, v_head = torch.randn(len(tokenizer), 8, generator=g), torch.randn(1, 8, generator=g)
+    save_file({"embed.weight": embed, "v_head.weight": v_head}, str(path / "model.safetensors"))
+    return path, embed, v_head
 
 
 class LengthScore:
@@ -215,7 +278,7 @@ def test_scorer_sequence_classifier_dir(tok, tmp_path):
     from transformers import AutoModelForSequenceClassification
     path = make_reward_model(tmp_path / "rm", tok)
     scorer = RewardScorer(rl_args(reward_model_path=str(path), answer_reward=0.0), tok, "cpu")
-    assert scorer.rm is None  # loaded lazily, at the first call
+    assert scorer.rm is not None and scorer.rm_kind == "classifier"  # loaded (and tried) at start-up
     comps = ["Eight.", "3+5=8, and 8+8=16.", "no"]
     r, _ = scorer([PROMPTS[1], PROMPTS[1], PROMPTS[0]], comps, ["16"] * 3)
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
@@ -226,3 +289,120 @@ def test_scorer_sequence_classifier_dir(tok, tmp_path):
             expected.append(model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item())
     assert r.tolist() == pytest.approx([max(-3.0, min(3.0, e)) for e in expected], abs=1e-4)
     assert any(abs(e) > 3 for e in expected)  # clipping happened
+
+
+def test_compiled_policy_does_not_recompile_as_lengths_change(tok):
+    """Every RL step has new prompt/completion lengths; under --use_compile 1 the policy forward must not recompile
+    for each of them (dynamo's recompile limit would then drop it back to eager). After a warm-up that has seen two
+    lengths and two batch sizes, new lengths, a 1-token completion and a smaller batch add no compiled frame."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    model = tiny_model()
+    counter = CompileCounterWithBackend("eager")  # dynamo's guards decide recompiles; no codegen needed to see them
+    compiled = torch.compile(model, backend=counter)
+    g = torch.Generator().manual_seed(0)
+
+    def step(n, p, r):
+        ids = torch.randint(3, 6400, (n, p + r), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0  # one left-padded prompt
+        logp, _ = completion_logprobs(compiled, ids, mask, p, temperature=0.8)  # grad mode on, as in training
+        return ids, mask, logp
+
+    try:
+        for shape in [(4, 20, 10), (4, 23, 12), (3, 25, 16)]:
+            step(*shape)
+        warm = counter.frame_count
+        for shape in [(4, 30, 7), (4, 40, 1), (2, 33, 9), (4, 50, 40)]:
+            ids, mask, logp = step(*shape)
+        assert counter.frame_count == warm
+        eager, _ = completion_logprobs(model, ids, mask, 50, temperature=0.8)
+        torch.testing.assert_close(logp, eager, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------ remote-code reward
+
+def test_remote_code_reward_model_loads_like_internlm_and_scores(tok, tmp_path):
+    path, embed, v_head = make_remote_code_reward_model(tmp_path / "tinyrm_ok", tok)
+    scorer = RewardScorer(rl_args(reward_model_path=str(path), answer_reward=0.0), tok, "cpu")
+    # AutoModel.from_pretrained(path, trust_remote_code=True): the class is the folder's own, run from HF's module cache
+    assert scorer.rm_kind == "get_score" and type(scorer.rm).__name__ == "TinyRewardModel"
+    assert type(scorer.rm).__module__.startswith("transformers_modules.")
+    prompts, comps = [PROMPTS[1], PROMPTS[1], PROMPTS[0]], ["Eight.", "3+5=8, and 8+8=16.", "no"]
+    r, m = scorer(prompts, comps, ["16"] * 3)
+    expected = []
+    for p, c in zip(prompts, comps):  # get_score got the prompt's messages + the reply and the folder's tokenizer
+        text = tok.apply_chat_template(prompt_messages(p) + [{"role": "assistant", "content": c}], tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        expected.append(float(embed[ids].mean(0) @ v_head[0]))
+    assert r.tolist() == pytest.approx([max(-3.0, min(3.0, e)) for e in expected], abs=1e-5)
+    assert len(set(r.tolist())) == 3 and m["reward_model"] == pytest.approx(sum(r.tolist()) / 3)
+
+
+@pytest.mark.parametrize("where", ["import", "call", "package"])
+def test_remote_code_failing_under_this_transformers_is_one_message(tok, tmp_path, capsys, where):
+    import transformers
+    if where == "import":  # a name transformers 5 removed, imported by many 4.x-era model repos
+        bad = "from transformers.utils.import_utils import is_torch_fx_available"
+        kw = dict(extra_import="\n" + bad)
+    elif where == "call":  # an API that changed, hit only when the model runs (InternLM2's forward builds its cache so)
+        bad = "DynamicCache.from_legacy_cache(None)"
+        kw = dict(extra_import="\nfrom transformers import DynamicCache", extra_call="\n        " + bad)
+    else:  # a package this environment lacks
+        bad = "import einops_not_installed_here"
+        kw = dict(extra_import="\n" + bad)
+    path, _, _ = make_remote_code_reward_model(tmp_path / f"tinyrm_{where}", tok, **kw)
+    with pytest.raises(UserError) as e:
+        RewardScorer(rl_args(reward_model_path=str(path)), tok, "cpu")  # at start-up, before any rollout
+    msg = str(e.value)
+    if where == "package":
+        assert "needs a package this environment lacks" in msg and "einops_not_installed_here" in msg
+        assert "pip install" in msg
+    else:
+        line = [s.strip() for s in (path / "modeling_tinyrm.py").read_text().splitlines()].index(bad) + 1
+        assert f"at modeling_tinyrm.py line {line}: {bad}" in msg, msg
+        assert f"transformers {transformers.__version__}" in msg
+        assert ("is_torch_fx_available" if where == "import" else "from_legacy_cache") in msg
+        # the ways out: fix that line, a sequence-classifier reward model, another transformers, no reward model
+        for fix in (str(path / "modeling_tinyrm.py"), "ForSequenceClassification", "transformers<5",
+                    "--reward_model_path none"):
+            assert fix in msg, fix
+    assert "Traceback" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ reward source
+
+def test_no_reward_source_is_an_error_at_start_up(tok, tmp_path, capsys):
+    from dataset.lm_dataset import RLAIFDataset
+
+    def data(answers):
+        f = tmp_path / f"rl_{len(answers)}.jsonl"
+        f.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": f"q{i}"},
+                                                           {"role": "assistant", "content": a}]}) + "\n"
+                             for i, a in enumerate(answers)))
+        return RLAIFDataset(f, tok), str(f)
+
+    words, f = data(["Paris.", "A poem about spring", "空"])
+    scorer = RewardScorer(rl_args(), tok, "cpu")  # no reward model, --reasoning 0, answer check on
+    with pytest.raises(UserError, match="no reward source") as e:
+        check_reward_source(scorer, words, f)
+    for part in (f, "none of 3 sampled reference answers", "--reward_model_path", "--reasoning 1", "numeric answer"):
+        assert part in str(e.value), part
+    # a reward model or format rewards pay something: no error
+    check_reward_source(RewardScorer(rl_args(reasoning=1), tok, "cpu"), words, f)
+    check_reward_source(RewardScorer(rl_args(), tok, "cpu", reward_model=LengthScore()), words, f)
+    capsys.readouterr()
+    mixed, f = data(["7", "Paris.", "a", "2.5"])
+    check_reward_source(scorer, mixed, f)
+    assert "2 of 4 sampled prompts have no numeric reference answer" in capsys.readouterr().out
+
+
+def test_load_rl_dataset_passes_skip_bad_lines_when_the_flag_exists(tok, monkeypatch):
+    import dataset.lm_dataset as lm_dataset
+    seen = []
+    monkeypatch.setattr(lm_dataset, "RLAIFDataset", lambda path, tokenizer, **kw: seen.append((path, kw)))
+    load_rl_dataset(Namespace(data_path="rl.jsonl", max_seq_len=66, skip_bad_lines=1), tok)
+    load_rl_dataset(Namespace(data_path="rl.jsonl", max_seq_len=66), tok)  # before the common flag exists
+    assert seen == [("rl.jsonl", {"max_length": 66, "skip_bad_lines": 1}), ("rl.jsonl", {"max_length": 66})]

@@ -1,13 +1,16 @@
 """SPO: the adaptive Beta baseline tracker against hand computations (kl and constant rho, reward normalisation in
 [0, 1]), its state round trip; the script runs under torchrun (tiny classifier reward model), resumes in one process
-with the tracker state it saved, and runs in-process with a get_score object, all on the demo RL prompts.
+with the tracker state it saved, runs in-process with a get_score object, and stops before training when no reward
+could ever be paid (no reward model, --reasoning 0, answers no rule can check).
 
     python -m pytest tests/test_spo.py -q
 """
+import json
+
 import pytest
 import torch
 
-from conftest import DEMO, ROOT, TINY, dirs, read_metrics, run_script, run_torchrun
+from conftest import DEMO, ROOT, TINY, dirs, read_metrics, run_torchrun
 from test_rl_utils import LengthScore, make_reward_model, run_main_in_process
 from trainer import train_spo
 from trainer.train_spo import AutoAdaptiveValueTracker
@@ -62,7 +65,7 @@ def test_tracker_state_round_trip():
         AutoAdaptiveValueTracker((-3.0, 3.0)).load_state_dict(t.state_dict())
 
 
-def test_torchrun_with_classifier_reward_model_then_resume_keeps_tracker(sft_copy):
+def test_torchrun_with_classifier_reward_model_then_resume_keeps_tracker(sft_copy, monkeypatch, capsys):
     tok = load_tokenizer(str(ROOT / "model"))
     rm = make_reward_model(sft_copy / "rm", tok)
     # --from_weight none: the ranks' random inits differ, DDP hands the policy rank 0's; the reference must follow
@@ -78,8 +81,8 @@ def test_torchrun_with_classifier_reward_model_then_resume_keeps_tracker(sft_cop
 
     saved = torch.load(sft_copy / "checkpoints" / "spo_64_resume.pth", weights_only=True)["tracker"]
     assert saved["alpha"] != 1.0 and saved["reward_range"] == [-3.0, 5.5]
-    proc = run_script("trainer/train_spo.py", *common, "--from_resume", "1", "--max_steps", "3", tmp=sft_copy)
-    assert "resumed from" in proc.stdout
+    run_main_in_process(train_spo, monkeypatch, *common, "--from_resume", "1", "--max_steps", "3")
+    assert "resumed from" in capsys.readouterr().out
     rows = read_metrics(sft_copy, "spo")
     # the resumed step's advantage used the saved baseline (logged before this step's update)
     assert rows[-1]["global_step"] == 3
@@ -102,3 +105,15 @@ def test_without_reward_model_on_demo_prompts(sft_copy, monkeypatch, capsys):
     assert "rule-based rewards only" in capsys.readouterr().out  # the default reward model path is absent here
     rows = read_metrics(sft_copy, "spo")
     assert len(rows) == 2 and "reward_model" not in rows[0] and 0 <= rows[0]["reward_answer"] <= 1
+
+
+def test_no_reward_source_stops_before_training(sft_copy, monkeypatch):
+    data = sft_copy / "open_questions.jsonl"
+    data.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": q},
+                                                          {"role": "assistant", "content": "空"}]}) + "\n"
+                            for q in ("Write a poem.", "Tell me about Paris.", "Say hi.")))
+    flags = [*TINY, *dirs(sft_copy), *RL, "--data_path", data, "--reasoning", "0", "--max_steps", "1"]
+    with pytest.raises(UserError, match="no reward source") as e:
+        run_main_in_process(train_spo, monkeypatch, *flags, "--reward_model_path", "none")
+    assert "--reasoning 1" in str(e.value) and "--reward_model_path" in str(e.value)
+    assert not (sft_copy / "checkpoints").exists() and not (sft_copy / "out" / "spo_64.pth").exists()

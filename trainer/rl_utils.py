@@ -27,15 +27,18 @@ Test: python -m pytest tests/test_rl_utils.py -q
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
 import re
+import traceback
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from trainer.trainer_utils import Logger, UserError, root_path, str2bool_int, unwrap, user_path
 
@@ -294,9 +297,15 @@ def completion_logprobs(model, rollout_or_ids, attention_mask: torch.Tensor | No
     extra logits tensor is made.
 
     The attention mask is passed (left padding and post-EOS pads are not attended; positions come from it) and
-    only the R logit rows that predict completion tokens are computed. Call it under the caller's ctx.autocast()
-    for policy, old policy and reference alike, and under torch.no_grad() for the frozen ones. aux_loss is the MoE
-    load-balancing loss of this same forward (0 for dense models and in eval mode).
+    the lm_head runs only over the R + 1 last positions (the R that predict completion tokens, plus one). Call it
+    under the caller's ctx.autocast() for policy, old policy and reference alike, and under torch.no_grad() for the
+    frozen ones. aux_loss is the MoE load-balancing loss of this same forward (0 for dense models and in eval mode).
+
+    Under --use_compile 1 the lengths change every step. The sequence dim is marked dynamic and logits_to_keep is a
+    plain int, so dynamo traces dynamic-shape graphs: after the first steps (where the model's own graph breaks see
+    their int arguments change once) new prompt/completion lengths and batch sizes reuse the compiled graphs
+    (tests/test_rl_utils.py counts the frames). Padding completions to length buckets is therefore not needed; it
+    would only add padded work.
     """
     if isinstance(rollout_or_ids, Rollout):
         ids, attention_mask, P = rollout_or_ids.input_ids, rollout_or_ids.attention_mask, rollout_or_ids.prompt_len
@@ -307,9 +316,18 @@ def completion_logprobs(model, rollout_or_ids, attention_mask: torch.Tensor | No
     R = ids.shape[1] - P
     if P < 1 or R < 1:
         raise ValueError(f"need a non-empty prompt and completion, got prompt_len {P}, completion length {R}")
-    out = model(ids, attention_mask=attention_mask, logits_to_keep=slice(P - 1, P - 1 + R))
+    # Every step has new prompt and completion lengths. Marking the sequence dim dynamic up front lets a compiled
+    # policy (--use_compile 1) trace one dynamic-shape graph on the first step instead of a static one that the
+    # second step throws away (eager ignores the mark).
+    torch._dynamo.maybe_mark_dynamic(ids, 1)
+    torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
+    # logits only for the last R + 1 positions (the HF int form of logits_to_keep): rows P-1 .. P+R-2 predict the
+    # R completion tokens; the final row predicts past the end and is scored against a dummy target and dropped,
+    # which is cheaper than slicing the logits (a copy of [N, R, V]) and keeps the int a plain dynamic size.
+    out = model(ids, attention_mask=attention_mask, logits_to_keep=R + 1)
     T = temperature if temperature > 0 else 1.0
-    return selected_logprobs(out.logits, ids[:, P:], temperature=T), out.aux_loss
+    targets = F.pad(ids[:, P:], (0, 1))
+    return selected_logprobs(out.logits, targets, temperature=T)[:, :R], out.aux_loss
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -411,11 +429,69 @@ def _rank0_first(fn):
     return result
 
 
+def _remote_frame(exc: BaseException, path: str | None):
+    """The innermost traceback frame of `exc` (or of an exception it was raised from) that runs a model's own code:
+    a file under transformers' remote-code cache (HF_MODULES_CACHE/transformers_modules) or under the model folder."""
+    from transformers import dynamic_module_utils
+    roots = [os.path.realpath(dynamic_module_utils.HF_MODULES_CACHE)] + ([os.path.realpath(path)] if path else [])
+    found, seen = None, set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for fr in traceback.extract_tb(exc.__traceback__):
+            f = os.path.realpath(fr.filename)
+            if any(f.startswith(r + os.sep) for r in roots) or f"{os.sep}transformers_modules{os.sep}" in f:
+                found = fr
+        if found is not None:
+            return found
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def remote_code_error(path: str | None, exc: Exception) -> UserError | None:
+    """One actionable message for a reward model whose own code (trust_remote_code) fails under the installed
+    transformers, or that needs a package this environment lacks; None when the failure is not of that kind (then
+    the caller re-raises it as it is)."""
+    import transformers
+    frame = _remote_frame(exc, path)
+    what = f"{type(exc).__name__}: {exc}".strip()
+    if frame is None:
+        if isinstance(exc, ImportError):  # e.g. sentencepiece for InternLM2's tokenizer, einops, ...
+            return UserError(f"reward model {path} needs a package this environment lacks: {what} (or pass another "
+                             "--reward_model_path)")
+        return None
+    name, ver = os.path.basename(frame.filename), transformers.__version__
+    return UserError(
+        f"reward model {path}: its own code ({name}, trust_remote_code) fails under transformers {ver}: {what}\n"
+        f"  at {name} line {frame.lineno}: {(frame.line or '').strip()}\n"
+        "The model's code was likely written for an older transformers. Fix one of: (1) edit "
+        f"{os.path.join(path or '.', name)} line {frame.lineno} to work with transformers {ver} (the folder's code "
+        "is copied again on the next run); (2) use a reward model that loads without remote code: an HF "
+        "*ForSequenceClassification checkpoint with num_labels 1; (3) a separate environment with the older "
+        f"transformers the model was written for (pip install 'transformers<5'; this repo is tested with {ver} only); "
+        "(4) --reward_model_path none with --reasoning 1 (format rewards) or a dataset with numeric answers")
+
+
+@contextlib.contextmanager
+def remote_code_guard(path: str | None):
+    """Turn a failure inside a reward model's own code into one UserError (see remote_code_error)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # only re-labelled when the traceback shows the model's own code or a missing package
+        err = remote_code_error(path, e)
+        if err is None:
+            raise
+        raise err from None
+
+
 class RewardScorer:
     """rewards for a batch of completions: format/tag rewards (--reasoning 1), a rule-based checkable reward when the
     dataset answer is checkable (the demo arithmetic prompts: answer string is a number), and a reward model from
-    --reward_model_path (HF AutoModelForSequenceClassification, or an InternLM-style model exposing get_score),
-    loaded lazily from a local directory after the rollouts; no reward model -> fine (stated once in the log).
+    --reward_model_path (HF AutoModelForSequenceClassification, or an InternLM-style model exposing get_score via
+    its own trust_remote_code modules), loaded at construction (start-up) from a local directory and tried on one
+    small chat, so a model whose code does not work under this transformers stops the run before any training
+    (one message naming the failing line, see `remote_code_error`); no reward model -> fine (stated in the log).
 
     Total reward = format/tag (0..1.5, --reasoning 1) + answer_reward * [final answer == reference number]
                    + reward-model score clipped to [-3, 3].
@@ -447,7 +523,7 @@ class RewardScorer:
                        "training with rule-based rewards only")
                 path = None
             self.rm_path = path
-            source = f"reward model {path} (loaded after the first rollout)" if path else "no reward model"
+            source = f"reward model {path}" if path else "no reward model"
         parts = (["format/tag (--reasoning 1)"] if self.reasoning else []) + \
             ([f"checkable answer x{self.answer_weight:g}"] if self.answer_weight > 0 else [])
         has_rm = self.rm is not None or self.rm_path is not None
@@ -458,6 +534,8 @@ class RewardScorer:
         hi = (RM_CLIP if has_rm else 0.0) + (FORMAT_REWARD + TAG_REWARD * len(TAGS) if self.reasoning else 0.0) \
             + self.answer_weight
         self.reward_range = (lo, hi)
+        if self.rm is None and self.rm_path is not None:
+            self._load()
 
     @property
     def has_reward_model(self) -> bool:
@@ -486,7 +564,8 @@ class RewardScorer:
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=not classifier, local_files_only=True)
             return m, tok
 
-        model, tok = _rank0_first(load)
+        with remote_code_guard(path):
+            model, tok = _rank0_first(load)
         if not classifier and not hasattr(model, "get_score"):
             raise UserError(f"reward model {path} ({cfg.get('architectures')}) is neither a sequence classifier nor "
                             "exposes get_score(tokenizer, chat)")
@@ -498,6 +577,9 @@ class RewardScorer:
             tok.padding_side, tok.truncation_side = "right", "left"  # keep the reply's end, which is scored
         model.to(dev).eval().requires_grad_(False)
         self.rm, self.rm_tokenizer, self.rm_kind = model, tok, "classifier" if classifier else "get_score"
+        # Remote code often breaks only when it runs (a cache or mask API that changed): score one tiny chat now,
+        # so that happens at start-up rather than after the first rollout.
+        self._score_chats([[{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"}]])
         Logger(f"loaded reward model {path} ({'sequence classifier' if classifier else 'get_score'}, {dtype})")
 
     def _render(self, chat: list[dict]) -> str:
@@ -510,7 +592,8 @@ class RewardScorer:
     def _score_chats(self, chats: list[list[dict]]) -> list[float]:
         if self.rm_kind == "get_score":
             tok = self.rm_tokenizer if self.rm_tokenizer is not None else self.tokenizer
-            return [float(self.rm.get_score(tok, chat)) for chat in chats]
+            with remote_code_guard(self.rm_path):
+                return [float(self.rm.get_score(tok, chat)) for chat in chats]
         tok, scores = self.rm_tokenizer, []
         limit = min(tok.model_max_length, getattr(self.rm.config, "max_position_embeddings", 4096) or 4096, 8192)
         n_labels = self.rm.config.num_labels
@@ -525,8 +608,6 @@ class RewardScorer:
         return scores
 
     def model_scores(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        if self.rm is None:
-            self._load()
         chats = [prompt_messages(p) + [{"role": "assistant", "content": c}] for p, c in zip(prompts, completions)]
         full = torch.tensor(self._score_chats(chats), dtype=torch.float32).clamp(-RM_CLIP, RM_CLIP)
         if not self.reasoning:
@@ -560,6 +641,42 @@ class RewardScorer:
             total += rm
             metrics["reward_model"] = rm.mean().item()
         return total.to(self.device), metrics
+
+
+def load_rl_dataset(args, tokenizer):
+    """The RL prompt dataset of --data_path (RLAIF/SFT JSONL); --skip_bad_lines is passed on where the flag exists."""
+    from dataset.lm_dataset import RLAIFDataset
+    extra = {"skip_bad_lines": args.skip_bad_lines} if hasattr(args, "skip_bad_lines") else {}
+    return RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len, **extra)
+
+
+def check_reward_source(scorer: RewardScorer, dataset, data_path: str, sample: int = 256) -> None:
+    """Stop at start-up when no reward could ever be paid; note how many prompts the rule can check otherwise.
+
+    With a reward model or --reasoning 1 (format/tag rewards) every completion gets a reward signal. Without both,
+    only the checkable-answer rule pays, and only on prompts whose reference answer (the last message) is a number:
+    up to `sample` answers spread over the file are parsed with parse_number (a few ms), and if none is a number
+    every reward of the run would be 0, so this raises a UserError naming the three ways out.
+    """
+    if scorer.has_reward_model or scorer.reasoning:
+        return
+    n = len(dataset)
+    if n == 0:
+        return  # an empty file is reported by the dataset / training loop
+    idx = sorted({i * n // min(n, sample) for i in range(min(n, sample))})
+    answers = [dataset[i]["answer"] for i in idx]
+    checkable = sum(parse_number(a) is not None for a in answers)
+    if checkable == 0:
+        example = next((a for a in answers if a.strip()), "")[:40]
+        raise UserError(
+            f"no reward source for {data_path}: no reward model, --reasoning 0 (no format reward), and none of "
+            f"{len(idx)} sampled reference answers is a number the rule-based check could compare (e.g. "
+            f"{example!r}), so every reward would be 0 for the whole run. Pass --reward_model_path DIR (a local "
+            "reward model, e.g. internlm2-1_8b-reward), or --reasoning 1 (format rewards), or a dataset whose last "
+            "message is a numeric answer (e.g. dataset/demo/rlaif.jsonl)")
+    if checkable < len(idx):
+        Logger(f"note: {len(idx) - checkable} of {len(idx)} sampled prompts have no numeric reference answer; "
+               "without a reward model they always get reward 0")
 
 
 # ----------------------------------------------------------------------------------------------------------------

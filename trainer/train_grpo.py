@@ -15,7 +15,14 @@ Objective (DeepSeekMath GRPO, single update per batch, so the importance ratio i
                                                      no second normalisation over the batch (reference §7 item 30)
     per token: -(exp(logp - sg(logp)) * A_i - beta * k3(pi, ref)),  k3 = exp(ref - logp) - (ref - logp) - 1
     loss = mean over completions of the masked mean over each completion's tokens (+ MoE aux loss)
-With --num_generations 1 every advantage is 0 (a group of one has no spread): only the KL term remains.
+
+--num_generations 1 (the seed command): a group of one has no baseline (its own mean: every A_i would be 0 and only
+the KL term would train). The batch is the baseline instead:
+    A_i = (r_i - mean_B r) / (std_B r + 1e-4)          over all batch_size x world_size completions of the micro-step
+on every rank (one all-reduce of [count, sum, sum of squares] in fp64; `batch_advantages`). That is REINFORCE with a
+batch-mean baseline, normalised: completions better than the batch's average are pushed up, worse ones down. It
+needs >= 2 completions per step (the script refuses --batch_size 1 on one process); with prompts of mixed difficulty
+it credits easy prompts more than per-prompt groups would, so G >= 2 stays the better choice when affordable.
 """
 import sys
 from pathlib import Path
@@ -23,10 +30,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
-from dataset.lm_dataset import RLAIFDataset, collate_rl  # noqa: E402
-from trainer.rl_utils import (RewardScorer, add_rl_args, check_rl_args, frozen_copy, policy_kl_loss,  # noqa: E402
-                              rl_from_weight, rl_metrics, sample_score_logprobs)
+from dataset.lm_dataset import collate_rl  # noqa: E402
+from trainer.rl_utils import (RewardScorer, add_rl_args, check_reward_source, check_rl_args,  # noqa: E402
+                              frozen_copy, load_rl_dataset, policy_kl_loss, rl_from_weight, rl_metrics,
+                              sample_score_logprobs)
 from trainer.trainer_utils import (Logger, TrainLoop, UserError, build_optimizer, build_parser,  # noqa: E402
                                    init_model, init_run, model_config_from_args, parse_args, run_main)
 
@@ -41,6 +50,22 @@ def group_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tenso
     return ((groups - mean) / (std + ADV_EPS)).view(-1)
 
 
+def batch_advantages(rewards: torch.Tensor, all_reduce=None):
+    """(r - batch mean) / (batch population std + 1e-4) over the completions of every rank: the baseline of a
+    group of one (--num_generations 1). all_reduce: an in-place sum over ranks (default dist.all_reduce when a
+    process group is up; none on one process). Returns (advantages, mean, std), mean and std as 0-dim tensors."""
+    r = rewards.detach().double()
+    stats = torch.stack([torch.ones_like(r).sum(), r.sum(), (r * r).sum()])
+    if all_reduce is None and dist.is_initialized():
+        all_reduce = dist.all_reduce
+    if all_reduce is not None:
+        all_reduce(stats)
+    n, total, squares = stats.unbind()
+    mean = total / n
+    std = (squares / n - mean * mean).clamp(min=0).sqrt()
+    return ((r - mean) / (std + ADV_EPS)).to(rewards.dtype), mean.float(), std.float()
+
+
 def main():
     parser = build_parser("MiniMind GRPO", save_weight="grpo", epochs=1, batch_size=2, learning_rate=8e-8,
                           accumulation_steps=1, log_interval=1, save_interval=10, max_seq_len=66,
@@ -48,22 +73,28 @@ def main():
     add_rl_args(parser)
     parser.add_argument("--num_generations", type=int, default=8,
                         help="每个 prompt 的采样数 G / completions per prompt (the group; GRPO paper: 64, "
-                             "MiniMind 8); 1 makes every advantage 0")
+                             "MiniMind 8); 1 = no group: the batch on all ranks is the baseline")
     args = parse_args(parser)
     check_rl_args(args)
     if args.num_generations < 1:
         raise UserError(f"--num_generations {args.num_generations} must be >= 1")
     ctx = init_run(args)
     if args.num_generations == 1:
-        Logger("note: --num_generations 1: a group of one has no spread, so every advantage is 0 and only the "
-               "KL-to-reference term trains; use >= 2 for a policy-gradient signal")
+        n = args.batch_size * ctx.world_size
+        if n < 2:
+            raise UserError("--num_generations 1 uses the batch as the baseline and needs >= 2 completions per "
+                            "step; raise --batch_size (or --num_generations)")
+        Logger(f"note: --num_generations 1: a group of one has no baseline, so the batch is the baseline: "
+               f"A = (r - mean) / (std + {ADV_EPS:g}) over the {n} completions of each step on all {ctx.world_size} "
+               "rank(s) (batch_size x world_size); --num_generations >= 2 gives per-prompt groups")
 
     # ---------------------------------------------------------------- policy, reference, data, rewards
     config = model_config_from_args(args)
     model, tokenizer = init_model(config, rl_from_weight(args), args.tokenizer_path, args.save_dir, ctx.device)
     ref_model = frozen_copy(model)
-    dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    dataset = load_rl_dataset(args, tokenizer)
     scorer = RewardScorer(args, tokenizer, ctx.device)
+    check_reward_source(scorer, dataset, args.data_path)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_rl,
                      config=config, stage="GRPO", tokenizer=tokenizer,
@@ -72,10 +103,14 @@ def main():
     # ---------------------------------------------------------------- train
     for batch in loop:
         b = sample_score_logprobs(loop, ref_model, tokenizer, scorer, batch, args, ctx, args.num_generations)
-        advantages = group_advantages(b.rewards, args.num_generations)
+        extra = {}
+        if args.num_generations == 1:
+            advantages, extra["baseline"], extra["baseline_std"] = batch_advantages(b.rewards)
+        else:
+            advantages = group_advantages(b.rewards, args.num_generations)
         policy_loss, kl = policy_kl_loss(b.logps, b.ref_logps, advantages, b.rollout.completion_mask, args.beta)
         loop.backward(policy_loss + b.aux_loss, num_tokens=b.rollout.num_tokens,
-                      **rl_metrics(b, advantages, policy_loss, kl))
+                      **rl_metrics(b, advantages, policy_loss, kl), **extra)
     loop.finish()
 
 

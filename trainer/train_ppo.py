@@ -37,7 +37,10 @@ Per step, over the completion tokens t of each sampled response (mask: up to and
     loss        L_pi + vf_coef L_V + kl_coef L_KL (+ the MoE aux losses of actor and critic).
 Masked means run over all completion tokens of the micro-batch. Log-probs of actor, old actor and reference come
 from rl_utils.completion_logprobs under the same autocast and score the sampling distribution softmax(logits / T)
-(T = --temperature), so with equal weights the ratio is exactly 1 and the KL exactly 0.
+(T = --temperature), so with equal weights the ratio is exactly 1 and the KL exactly 0. Forwards per micro-step:
+actor (with grad), reference, critic, and the old actor only when it differs from the actor: in the optimizer step
+where it was just synced the actor's own log-probs are reused (bit-identical, with dropout 0), which saves one
+forward in every --update_old_actor_freq steps (all of them at 1).
 """
 import copy
 import sys
@@ -48,9 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from torch import nn
 
-from dataset.lm_dataset import RLAIFDataset, collate_rl
-from trainer.rl_utils import (RewardScorer, add_rl_args, check_rl_args, completion_logprobs, frozen_copy, k3_kl,
-                              masked_mean, rl_from_weight, rollout)
+from dataset.lm_dataset import collate_rl
+from trainer.rl_utils import (RewardScorer, add_rl_args, check_reward_source, check_rl_args, completion_logprobs,
+                              frozen_copy, k3_kl, load_rl_dataset, masked_mean, rl_from_weight, rollout)
 from trainer.trainer_utils import (Logger, TrainLoop, UserError, build_optimizer, build_parser, init_model, init_run,
                                    model_config_from_args, parse_args, run_main)
 
@@ -168,7 +171,9 @@ def main(argv=None, reward_model=None):
     actor, tokenizer = init_model(config, args.from_weight, args.tokenizer_path, args.save_dir, ctx.device)
     old_actor, ref_model = frozen_copy(actor), frozen_copy(actor)  # before TrainLoop may load a resume file
     critic = CriticModel(copy.deepcopy(actor.model)).to(ctx.device)
-    dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    dataset = load_rl_dataset(args, tokenizer)
+    scorer = RewardScorer(args, tokenizer, ctx.device, reward_model=reward_model)
+    check_reward_source(scorer, dataset, args.data_path)
     actor_opt = build_optimizer(actor, args.learning_rate, args.weight_decay, ctx.device)
     critic_opt = build_optimizer(critic, args.critic_learning_rate, args.weight_decay, ctx.device)
     loop = TrainLoop(args, ctx, model=actor, optimizer={"actor": actor_opt, "critic": critic_opt}, dataset=dataset,
@@ -176,16 +181,17 @@ def main(argv=None, reward_model=None):
                      resume_objects={"critic": critic, "old_actor": old_actor},
                      run_name=f"MiniMind-PPO-Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
     critic_model = loop.wrap(critic)
-    scorer = RewardScorer(args, tokenizer, ctx.device, reward_model=reward_model)
     Logger(f"PPO from {args.from_weight}: actor lr {args.learning_rate}, critic lr {args.critic_learning_rate}, "
            f"old actor synced every {args.update_old_actor_freq} optimizer steps")
 
     # ---------------------------------------------------------------- train
     synced_at = None  # a resumed run keeps the restored old actor until the next sync point
+    deterministic = config.dropout == 0  # train-mode forward == eval-mode forward (MoE routing is mode-free)
     for batch in loop:
         if loop.opt_step % args.update_old_actor_freq == 0 and synced_at != loop.opt_step:
             old_actor.load_state_dict(actor.state_dict())
             synced_at = loop.opt_step
+        old_is_actor = deterministic and synced_at == loop.opt_step
         # sampling depends only on (seed, rank, step), so a resumed run draws the same rollouts
         torch.manual_seed(args.seed + 100_003 * loop.global_step + ctx.rank)
 
@@ -199,10 +205,13 @@ def main(argv=None, reward_model=None):
         # one function, one precision for all three policies: equal weights give ratio 1 and KL 0 exactly
         T = args.temperature
         with ctx.autocast():
-            with torch.no_grad():
-                old_logp, _ = completion_logprobs(old_actor, ro, temperature=T)
-                ref_logp, _ = completion_logprobs(ref_model, ro, temperature=T)
             logp, actor_aux = completion_logprobs(loop.model, ro, temperature=T)
+            with torch.no_grad():
+                ref_logp, _ = completion_logprobs(ref_model, ro, temperature=T)
+                # right after a sync (and for the rest of that optimizer step) the old actor IS the actor: its
+                # forward would repeat the actor's number for number, so reuse it (every step with
+                # --update_old_actor_freq 1, one in N otherwise)
+                old_logp = logp.detach() if old_is_actor else completion_logprobs(old_actor, ro, temperature=T)[0]
             values, critic_aux = critic_model(ro.input_ids, ro.attention_mask, ro.prompt_len)
 
         with torch.no_grad():

@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from dataset.lm_dataset import RLAIFDataset, collate_rl  # noqa: E402
-from trainer.rl_utils import (RewardScorer, add_rl_args, check_rl_args, frozen_copy, masked_mean,  # noqa: E402
-                              policy_kl_loss, rl_from_weight, rl_metrics, sample_score_logprobs)
+from dataset.lm_dataset import collate_rl  # noqa: E402
+from trainer.rl_utils import (RewardScorer, add_rl_args, check_reward_source, check_rl_args,  # noqa: E402
+                              frozen_copy, load_rl_dataset, masked_mean, policy_kl_loss, rl_from_weight, rl_metrics,
+                              sample_score_logprobs)
 from trainer.trainer_utils import (TrainLoop, UserError, build_optimizer, build_parser, init_model,  # noqa: E402
                                    init_run, model_config_from_args, parse_args, run_main)
 
@@ -129,8 +130,9 @@ def main():
     config = model_config_from_args(args)
     model, tokenizer = init_model(config, rl_from_weight(args), args.tokenizer_path, args.save_dir, ctx.device)
     ref_model = frozen_copy(model)
-    dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    dataset = load_rl_dataset(args, tokenizer)
     scorer = RewardScorer(args, tokenizer, ctx.device)
+    check_reward_source(scorer, dataset, args.data_path)
     tracker = AutoAdaptiveValueTracker(scorer.reward_range, args.rho_mode, args.rho_const, args.D_half,
                                        args.clip_lower, args.clip_upper)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
