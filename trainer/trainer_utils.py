@@ -23,7 +23,9 @@ Modules (all names are re-exported here, so scripts import from trainer.trainer_
     spine/flags.py       the shared flags and their defaults
     spine/runtime.py     distributed init/teardown, device, precision, seeding, DDP/compile wrapping
     spine/checkpoint.py  weights + sidecar, strict loading, resume files, init_model
-    spine/loop.py        get_lr, SkipBatchSampler, TrainLoop, optimizer, wandb/metrics
+    spine/guards.py      stop signals, non-finite checks, exit codes, start-up checks
+    spine/logs.py        wandb (or a no-op) and the metrics JSONL
+    spine/loop.py        get_lr, SkipBatchSampler, TrainLoop, optimizer
 """
 import sys
 from pathlib import Path
@@ -35,18 +37,24 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 from trainer.spine.common import (  # noqa: E402,F401
     is_main_process, Logger, ROOT, root_path, str2bool_int, user_path, UserError,
 )
+from trainer.spine.guards import (  # noqa: E402,F401
+    all_finite, check_writable_dir, default_num_workers, EXIT_DIVERGED, EXIT_SIGNAL, EXIT_USER,
+    remove_stale_temps, SaveError, StopSignals, TrainingDiverged, TrainingStopped, unwrap_worker_message,
+)
 from trainer.spine.flags import (  # noqa: E402,F401
-    build_parser, COMMON_DEFAULTS, parse_args, PATH_FLAGS,
+    build_parser, check_max_seq_len, check_model_size, COMMON_DEFAULTS, dataset_options, parse_args, PATH_FLAGS,
+    validate_args,
 )
 from trainer.spine.runtime import (  # noqa: E402,F401
     cleanup_distributed, init_distributed_mode, init_run, reduce_mean, resolve_dtype, run_main, RunContext,
     setup_seed, unwrap, wrap_model,
 )
 from trainer.spine.checkpoint import (  # noqa: E402,F401
-    ARCH_FLAGS, atomic_save, atomic_write_text, init_model, lm_checkpoint, load_tokenizer,
-    load_trainable_state_dict, load_weights, model_config_from_args, read_sidecar, save_weights, sidecar_path,
-    trainable_state_dict, weight_path,
+    ARCH_FLAGS, atomic_save, atomic_write_text, check_tokenizer, init_model, lm_checkpoint, load_tokenizer,
+    load_torch_file, load_trainable_state_dict, load_weights, model_config_from_args, read_sidecar, resume_path,
+    save_weights, sidecar_path, tokenizer_fingerprint, trainable_state_dict, weight_path,
 )
+from trainer.spine.logs import init_wandb, MetricsFile, NoOpWandb  # noqa: E402,F401
 from trainer.spine.loop import (  # noqa: E402,F401
-    build_optimizer, get_lr, init_wandb, MetricsFile, NoOpWandb, SkipBatchSampler, TrainLoop,
+    build_optimizer, get_lr, SkipBatchSampler, supervised_tokens, TrainLoop,
 )

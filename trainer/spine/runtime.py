@@ -5,6 +5,7 @@ import contextlib
 import datetime
 import os
 import random
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.spine.common import UserError
+from trainer.spine.guards import (EXIT_DIVERGED, EXIT_SIGNAL, EXIT_USER, TrainingDiverged, TrainingStopped,
+                                  unwrap_worker_message)
 
 
 def init_distributed_mode(device: str = "cpu", timeout_s: float | None = None) -> int:
@@ -92,14 +95,29 @@ def init_run(args) -> RunContext:
 
 
 def run_main(main) -> None:
-    """Run a script's main(); user mistakes end with one readable line instead of a traceback."""
+    """Run a script's main(); user mistakes, a diverged run and a requested stop each end with one readable line
+    and their exit code (see spine/guards.py) instead of a traceback."""
     from dataset.lm_dataset import DataFormatError
+    rank = int(os.environ.get("RANK", 0))
+    prefix = f"[rank {rank}] " if "RANK" in os.environ else ""
     try:
         main()
-    except (UserError, DataFormatError, FileNotFoundError) as e:
-        rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
-        print(f"\n{rank}error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    except TrainingStopped as e:  # every rank stops at the same step; one message is enough
+        if rank == 0:
+            print(f"\n{e}", file=sys.stderr, flush=True)
+        sys.exit(e.code)
+    except TrainingDiverged as e:
+        if rank == 0:
+            print(f"\nerror: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_DIVERGED)
+    except (UserError, DataFormatError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        # a worker's exception arrives wrapped in its traceback text; show the same line as without workers
+        print(f"\n{prefix}error: {unwrap_worker_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER)
+    except KeyboardInterrupt:
+        print(f"\n{prefix}interrupted: stopped at once; nothing was saved after the last checkpoint",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_SIGNAL[signal.SIGINT])
 
 
 
