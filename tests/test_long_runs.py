@@ -454,3 +454,15 @@ def test_grad_checkpointing_flag_reaches_the_model(tmp_path, capsys, monkeypatch
     code, out, err = run_inprocess(PRE, *TINY, *dirs(tmp_path), "--data_path", DEMO / "pretrain.jsonl",
                                    "--max_steps", "1", "--batch_size", "2", "--grad_checkpointing", "1", capsys=capsys)
     assert code == 0 and calls == [1] and "gradient checkpointing on" in out, err
+
+
+def test_cpu_precision_default_follows_native_bf16(monkeypatch, capsys):
+    import trainer.spine.runtime as runtime
+    from trainer.trainer_utils import build_parser, init_run, parse_args, resolve_dtype
+    cpu = torch.device("cpu")
+    for native, want in [(True, torch.bfloat16), (False, torch.float32)]:
+        monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: native)
+        assert resolve_dtype(None, cpu) == want and resolve_dtype("float32", cpu) == torch.float32
+        capsys.readouterr()
+        assert init_run(parse_args(build_parser("t"), ["--device", "cpu"])).dtype == want
+        assert f"precision: {str(want)[6:]} on cpu (default" in capsys.readouterr().out

@@ -36,7 +36,8 @@ def build_parser(description: str, skip: tuple[str, ...] = (), **defaults) -> ar
     add("device", type=str, default="cuda:0" if torch.cuda.is_available() else "cpu",
         help="训练设备 / device (under torchrun each rank uses cuda:LOCAL_RANK)")
     add("dtype", type=str, default=None, choices=["bfloat16", "float16", "float32"],
-        help="混合精度 / autocast dtype; default bfloat16 on CUDA (float16 if bf16 unsupported), float32 on CPU")
+        help="混合精度 / autocast dtype; default bfloat16 on CUDA (float16 if bf16 unsupported) and on CPUs with "
+             "AVX512-BF16/AMX, else float32")
     add("num_workers", type=int, default=None,
         help="数据加载进程数 / DataLoader workers per rank (default: CPU cores per rank, at most 8; 0 if <= 1)")
     add("accumulation_steps", type=int, default=d["accumulation_steps"], help="梯度累积步数 / gradient accumulation")
