@@ -2,21 +2,24 @@
 
 Everything that repeats across stages lives here exactly once: the common flags, distributed set-up and teardown,
 seeding, the learning-rate schedule, the resumable data order, weight/checkpoint I/O, rank-0 logging and wandb, and
-`TrainLoop`, which owns the step mechanics (accumulation, clipping, logging, saving, resume). A stage script keeps
-only what is specific to it: its dataset, its forward pass and its loss.
+`TrainLoop`, which owns the step mechanics (accumulation, loss weighting, clipping, NaN guard, stop signals,
+logging, saving, resume). A stage script keeps only what is specific to it: its dataset, its forward pass and its loss.
 
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=ds, collate_fn=collate_lm, config=config)
     for batch in loop:                       # epochs, resume skip, lr schedule, device transfer, DDP no_sync
         with ctx.autocast():
-            out = loop.model(batch["input_ids"], labels=batch["labels"])
-        loop.backward(out.loss + out.aux_loss, logits_loss=out.loss, aux_loss=out.aux_loss)
+            out = loop.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        loop.backward(out.loss, units=loop.units, aux=out.aux_loss, logits_loss=out.loss)
     loop.finish()
 
 Step semantics (deliberately unlike the reference, see ../shared/reference §7 items 1-6, 9-10, 12-13):
-micro-steps are 1-indexed within an epoch; an optimizer step happens after every `accumulation_steps` micro-steps
-and at the end of the epoch (a short tail window is averaged over its own length, never leaked into the next epoch);
-the final step is always logged and saved; resume continues the exact global sample order (also after a change of
-world size) from fp32 master weights; ETA only counts steps run in this process.
+an optimizer step takes one accumulation window (`accumulation_steps` micro-batches per rank; an epoch's short tail
+window is its own step, never leaked into the next epoch). The loss of a step is the mean over all its units
+(supervised tokens; DPO: valid pairs) across the window and the ranks; --max_steps, --log_interval and
+--save_interval count optimizer steps; the cosine LR follows the samples consumed; the final step is always logged
+and saved; resume continues the exact global sample order (also after a change of world size or batch size) from
+fp32 master weights; ETA only counts steps run in this process. What happens on NaN, Ctrl-C/SIGTERM, a full disk
+and bad input, and the exit codes: spine/guards.py and README "When something goes wrong".
 
 Modules (all names are re-exported here, so scripts import from trainer.trainer_utils only):
     spine/common.py      paths, UserError, Logger
