@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEMO, ROOT, TINY, dirs, read_metrics, run_script, run_torchrun
+from conftest import DEMO, ROOT, dirs, read_metrics, run_script, run_torchrun
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.train_distillation import distillation_loss
 from trainer.trainer_utils import save_weights

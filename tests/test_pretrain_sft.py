@@ -1,5 +1,5 @@
 """End to end: pretrain -> full SFT -> chat, DDP (torchrun, gloo), wandb offline, actionable errors.
-(Resume after a stop signal: tests/test_long_runs.py.)
+(Resume after a stop signal: tests/test_long_runs.py; bad flags and files: tests/test_bad_input.py.)
 
     python -m pytest tests/test_pretrain_sft.py -q
 """
@@ -56,19 +56,3 @@ def test_use_wandb_offline_writes_a_run(tmp_path):
                "--max_steps", "2", "--batch_size", "2", "--log_interval", "1", "--use_wandb", tmp=tmp_path)
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1 and (tmp_path / "checkpoints" / "pretrain_64_metrics.jsonl").exists()
-
-
-def test_wrong_gate_flag_names_the_flag(tiny_sft, tmp_path):
-    proc = run_script("trainer/train_full_sft.py", *TINY, "--save_dir", tiny_sft / "out", "--checkpoint_dir",
-                      tmp_path, "--data_path", DEMO / "sft.jsonl", "--headwise_attn_output_gate", "0",
-                      "--max_steps", "1", tmp=tmp_path, check=False)
-    assert proc.returncode == 1 and "--headwise_attn_output_gate 1" in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
-def test_malformed_line_is_reported_with_file_and_line(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "ok"}\n{"text": "fine"}\n{"txt": oops\n', encoding="utf-8")
-    proc = run_script("trainer/train_pretrain.py", *TINY, *dirs(tmp_path), "--data_path", bad, "--batch_size", "1",
-                      "--max_steps", "3", tmp=tmp_path, check=False)
-    assert proc.returncode == 1 and f"{bad}:3" in proc.stderr and "Traceback" not in proc.stderr

@@ -103,9 +103,9 @@ def collate(items):
 
 def train_tiny(tmp_path, *flags, seed=0, seen=None):
     args = parse_args(build_parser("test"), ["--device", "cpu", "--dtype", "float32", "--num_workers", "0",
-                                             "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ckp"),
-                                             "--hidden_size", "64", "--log_interval", "1", "--learning_rate",
-                                             "1e-2", *flags])
+                                             "--save_dir", str(tmp_path / "out"), "--checkpoint_dir",
+                                             str(tmp_path / "ckp"), "--hidden_size", "64", "--log_interval", "1",
+                                             "--learning_rate", "1e-2", *flags])
     ctx = init_run(args)
     torch.manual_seed(seed)
     config = tiny_config()

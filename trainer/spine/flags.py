@@ -32,7 +32,8 @@ def build_parser(description: str, skip: tuple[str, ...] = (), **defaults) -> ar
     add("save_weight", type=str, default=d["save_weight"], help="输出权重名前缀 / output weight name prefix")
     add("epochs", type=int, default=d["epochs"], help="训练轮数 / epochs")
     add("batch_size", type=int, default=d["batch_size"], help="每卡 batch / per-device micro-batch size")
-    add("learning_rate", type=float, default=d["learning_rate"], help="峰值学习率 / peak learning rate (cosine to 0.1x)")
+    add("learning_rate", type=float, default=d["learning_rate"],
+        help="峰值学习率 / peak learning rate (cosine to 0.1x)")
     add("device", type=str, default="cuda:0" if torch.cuda.is_available() else "cpu",
         help="训练设备 / device (under torchrun each rank uses cuda:LOCAL_RANK)")
     add("dtype", type=str, default=None, choices=["bfloat16", "float16", "float32"],
