@@ -466,3 +466,22 @@ def test_cpu_precision_default_follows_native_bf16(monkeypatch, capsys):
         capsys.readouterr()
         assert init_run(parse_args(build_parser("t"), ["--device", "cpu"])).dtype == want
         assert f"precision: {str(want)[6:]} on cpu (default" in capsys.readouterr().out
+
+
+def test_skip_bad_lines_reaches_datasets_that_accept_it():
+    from types import SimpleNamespace
+
+    from trainer.trainer_utils import UserError, dataset_options
+
+    class New:
+        def __init__(self, path, tokenizer, max_length=512, skip_bad_lines=False):
+            pass
+
+    class Old:
+        def __init__(self, path, tokenizer, max_length=512):
+            pass
+    assert dataset_options(New, SimpleNamespace(skip_bad_lines=1)) == {"skip_bad_lines": True}
+    assert dataset_options(New, SimpleNamespace(skip_bad_lines=0)) == {"skip_bad_lines": False}
+    assert dataset_options(Old, SimpleNamespace(skip_bad_lines=0)) == {}
+    with pytest.raises(UserError, match="--skip_bad_lines 1 is not supported by Old"):
+        dataset_options(Old, SimpleNamespace(skip_bad_lines=1))
