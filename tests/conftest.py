@@ -4,6 +4,7 @@
 """
 import json
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -20,9 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "dataset" / "demo"
 sys.path.insert(0, str(ROOT))
 
-# hidden 64, 2 layers: a model that trains at thousands of tokens/s on one CPU core
+# hidden 64, 2 layers: a model that trains at thousands of tokens/s on one CPU core. fp32 pinned: the CPU default is
+# bf16 where the CPU has native bf16, and tests compare numbers that must not depend on the machine.
 TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--device", "cpu", "--num_workers", "0",
-        "--max_seq_len", "128"]
+        "--max_seq_len", "128", "--dtype", "float32"]
 
 
 def script_env(tmp: Path | None = None) -> dict:
@@ -70,6 +72,25 @@ def run_torchrun(script: str, *args, tmp: Path, nproc: int = 2, timeout: int = 2
     return out
 
 
+def run_inprocess(script: str, *args, capsys) -> tuple[int, str, str]:
+    """Run `python <script> args...` inside this process (runpy, __main__): (exit code, stdout, stderr).
+
+    Saves the ~4 s interpreter + torch start-up of a subprocess where it adds nothing (argument checks, start-up
+    errors, short CPU runs). Output is read through pytest's capsys, so earlier output is discarded first."""
+    capsys.readouterr()
+    argv = sys.argv
+    sys.argv = [str(ROOT / script), *map(str, args)]
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def dirs(tmp: Path) -> list[str]:
     """--save_dir/--checkpoint_dir inside the test's temp folder."""
     return ["--save_dir", str(tmp / "out"), "--checkpoint_dir", str(tmp / "checkpoints")]
@@ -90,6 +111,21 @@ def tiny_sft(tmp_path_factory) -> Path:
                "--learning_rate", "3e-3", "--accumulation_steps", "1", tmp=tmp)
     run_script("trainer/train_full_sft.py", *common, "--data_path", DEMO / "sft.jsonl", "--max_steps", "60",
                "--learning_rate", "1e-3", tmp=tmp)
+    return tmp
+
+
+@pytest.fixture(scope="session")
+def tiny_random(tmp_path_factory) -> Path:
+    """A folder with out/pretrain_64.pth + sidecar (tokenizer fingerprint included) of a random tiny gated model
+    (seed 0), written in-process in well under a second. Copy it before writing."""
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    from trainer.trainer_utils import load_tokenizer, root_path, save_weights
+    tmp = tmp_path_factory.mktemp("tiny_random")
+    config = MiniMindConfig(hidden_size=64, num_hidden_layers=2, headwise_attn_output_gate=True)
+    torch.manual_seed(0)
+    save_weights(MiniMindForCausalLM(config).state_dict(), str(tmp / "out" / "pretrain_64.pth"), config,
+                 tokenizer=load_tokenizer(root_path("model")), stage="Pretrain", step=1,
+                 tokenizer_path=root_path("model"))
     return tmp
 
 

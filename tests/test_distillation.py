@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEMO, ROOT, TINY, dirs, read_metrics, run_script, run_torchrun
+from conftest import DEMO, ROOT, dirs, read_metrics, run_script, run_torchrun
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.train_distillation import distillation_loss
 from trainer.trainer_utils import save_weights
@@ -85,12 +85,13 @@ def test_bigger_teacher_trains_the_student_and_resumes(sft_copy):
     assert side["global_step"] == 6
 
 
-def test_missing_teacher_falls_back_to_ce_and_errors_name_the_right_flags(sft_copy):
-    # MoE student from scratch (its aux loss is added unscaled), no 80-wide teacher on disk
+def test_no_teacher_on_purpose_and_errors_name_the_right_flags(sft_copy):
+    # (a missing teacher file is an error: tests/test_bad_input.py, distill_teacher_missing)
+    # MoE student from scratch (its aux loss is added unscaled), no teacher on purpose
     proc = run_script("trainer/train_distillation.py", *STUDENT, *dirs(sft_copy), "--from_student_weight", "none",
-                      "--student_use_moe", "1", "--teacher_hidden_size", "80", "--max_steps", "2",
+                      "--student_use_moe", "1", "--from_teacher_weight", "none", "--max_steps", "2",
                       "--log_interval", "1", tmp=sft_copy)
-    assert "NOTICE: no teacher" in proc.stdout and "full_sft_80.pth not found" in proc.stdout
+    assert "NOTICE: no teacher (--from_teacher_weight none)" in proc.stdout
     for r in read_metrics(sft_copy, "full_dist", moe=True):
         assert r["distill_loss"] == 0 and r["aux_loss"] > 0
         assert r["loss"] == pytest.approx(r["ce_loss"] + r["aux_loss"], rel=1e-5)

@@ -6,6 +6,8 @@ sequence classifier, a get_score object, MoE), resume with critic and old actor 
 """
 import copy
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -15,7 +17,8 @@ from dataset.lm_dataset import RLAIFDataset
 from trainer import train_ppo
 from trainer.rl_utils import completion_logprobs, frozen_copy, rollout
 from trainer.train_ppo import CriticModel, center, gae, ppo_losses
-from trainer.trainer_utils import UserError, build_optimizer, init_model, model_config_from_args, parse_args
+from trainer.trainer_utils import (TrainingStopped, UserError, build_optimizer, init_model, model_config_from_args,
+                                   parse_args)
 
 RL = ["--data_path", DEMO / "rlaif.jsonl", "--reasoning", "0", "--max_gen_len", "12", "--batch_size", "2",
       "--log_interval", "1", "--learning_rate", "1e-4", "--critic_learning_rate", "1e-3"]
@@ -176,8 +179,18 @@ def test_get_score_reward_and_resume_restores_critic_and_old_actor(sft_copy, mon
     LengthRM.calls = 0
     train_ppo.main(ppo_argv(full, *flags, "--max_steps", "5"), reward_model=LengthRM())
     assert LengthRM.calls == 10 and "reward model object LengthRM" in capsys.readouterr().out
-    # stop at optimizer step 3: the old actor (synced at step 2) is stale and must come back from the resume file
-    train_ppo.main(ppo_argv(part, *flags, "--max_steps", "3"), reward_model=LengthRM())
+    # stop after optimizer step 3 as Ctrl-C would (the same --max_steps 5 keeps the full run's LR schedule): the old
+    # actor (synced at step 2) is stale and must come back from the resume file
+    step = train_ppo.TrainLoop._optimizer_step
+
+    def stop_after_3(self):
+        step(self)
+        if self.opt_step + 1 == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(train_ppo.TrainLoop, "_optimizer_step", stop_after_3)
+    with pytest.raises(TrainingStopped):
+        train_ppo.main(ppo_argv(part, *flags, "--max_steps", "5"), reward_model=LengthRM())
+    monkeypatch.setattr(train_ppo.TrainLoop, "_optimizer_step", step)
     saved = torch.load(part / "checkpoints" / "ppo_actor_64_resume.pth", weights_only=True)
     assert set(saved["optimizer"]) == {"actor", "critic"} and {"critic", "old_actor"} <= set(saved)
     assert saved["critic"]["value_head.weight"].abs().sum() > 0  # the critic trained, so restoring it matters

@@ -3,13 +3,15 @@
     python -m pytest tests/test_trainer_utils.py -q
 """
 import os
+import signal
 
 import pytest
 import torch
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.trainer_utils import (SkipBatchSampler, TrainLoop, UserError, atomic_save, build_optimizer,
-                                   build_parser, get_lr, init_run, load_weights, parse_args, save_weights)
+from trainer.trainer_utils import (SkipBatchSampler, TrainingStopped, TrainLoop, UserError, atomic_save,
+                                   build_optimizer, build_parser, get_lr, init_run, load_weights, parse_args,
+                                   save_weights)
 
 
 def test_get_lr_cosine_endpoints_and_warmup():
@@ -99,11 +101,11 @@ def collate(items):
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
-def train_tiny(tmp_path, *flags, seed=0):
-    args = parse_args(build_parser("test"), ["--device", "cpu", "--num_workers", "0", "--save_dir",
-                                             str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ckp"),
-                                             "--hidden_size", "64", "--log_interval", "1", "--learning_rate",
-                                             "1e-2", *flags])
+def train_tiny(tmp_path, *flags, seed=0, seen=None):
+    args = parse_args(build_parser("test"), ["--device", "cpu", "--dtype", "float32", "--num_workers", "0",
+                                             "--save_dir", str(tmp_path / "out"), "--checkpoint_dir",
+                                             str(tmp_path / "ckp"), "--hidden_size", "64", "--log_interval", "1",
+                                             "--learning_rate", "1e-2", *flags])
     ctx = init_run(args)
     torch.manual_seed(seed)
     config = tiny_config()
@@ -111,7 +113,7 @@ def train_tiny(tmp_path, *flags, seed=0):
     opt = build_optimizer(model, args.learning_rate, args.weight_decay)
     loop = TrainLoop(args, ctx, model=model, optimizer=opt, dataset=FixedTokens(), collate_fn=collate,
                      config=config, stage="test")
-    seen = []
+    seen = [] if seen is None else seen
     for batch in loop:
         seen.append(batch["input_ids"][:, 0].tolist())
         out = loop.model(batch["input_ids"], labels=batch["labels"])
@@ -135,11 +137,28 @@ def test_epoch_tail_is_flushed_not_leaked(tmp_path):
     assert int(state["step"]) == 6  # 3 optimizer steps per epoch, none merged across epochs
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
+def signal_after_step(monkeypatch, step: int, signum=signal.SIGINT):
+    """Make this process receive `signum` right after optimizer step `step` (as a user's Ctrl-C would)."""
+    original = TrainLoop._optimizer_step
+
+    def step_then_signal(self):
+        original(self)
+        if self.opt_step + 1 == step:  # opt_step counts the step after _optimizer_step returns
+            os.kill(os.getpid(), signum)
+    monkeypatch.setattr(TrainLoop, "_optimizer_step", step_then_signal)
+
+
+def test_stop_signal_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     full, _, seen_full = train_tiny(tmp_path / "full", "--batch_size", "2", "--accumulation_steps", "1",
                                     "--epochs", "2")
     part_dir = tmp_path / "part"
-    _, _, seen_a = train_tiny(part_dir, "--batch_size", "2", "--epochs", "2", "--max_steps", "7")
+    seen_a = []
+    signal_after_step(monkeypatch, 7)
+    with pytest.raises(TrainingStopped) as stop:
+        train_tiny(part_dir, "--batch_size", "2", "--epochs", "2", seen=seen_a)
+    assert stop.value.code == 130 and "stopped at step 7; resume with --from_resume 1" in str(stop.value)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop put the handler back
+    monkeypatch.undo()
     resumed, _, seen_b = train_tiny(part_dir, "--batch_size", "2", "--epochs", "2", "--from_resume", "1", seed=123)
     assert seen_a + seen_b == seen_full  # same sample order, nothing skipped or repeated
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset, collate_lm
-from trainer.trainer_utils import (Logger, TrainLoop, UserError, build_optimizer, build_parser, init_model,
-                                   init_run, model_config_from_args, parse_args, run_main)
+from trainer.trainer_utils import (Logger, TrainLoop, UserError, build_optimizer, build_parser, check_max_seq_len,
+                                   dataset_options, init_model, init_run, model_config_from_args, parse_args,
+                                   run_main)
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -102,18 +103,22 @@ def main():
     tag_seqs = tag_id_sequences(tokenizer)
     Logger("tag token ids: " + ", ".join(f"{t} -> {s}" for t, s in zip(TAGS, tag_seqs))
            + f" | weight {args.tag_weight:g}")
-    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    check_max_seq_len(args.max_seq_len, tokenizer)
+    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, **dataset_options(SFTDataset, args))
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
+    # the loss is a weighted mean over supervised tokens: its units are the summed weights (see tag_weighted_ce)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_lm,
-                     config=config, stage="Distill-Reasoning", tokenizer=tokenizer)
+                     config=config, stage="Distill-Reasoning", tokenizer=tokenizer,
+                     count_units=lambda b: float(tag_weights(b["labels"][:, 1:], tag_seqs, args.tag_weight).sum()))
 
     # ---------------------------------------------------------------- train
     for batch in loop:
         with ctx.autocast():
-            out = loop.model(batch["input_ids"])
+            out = loop.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch.get("position_ids"))
         logits_loss, ce, tag_frac = tag_weighted_ce(out.logits, batch["labels"], tag_seqs, args.tag_weight)
-        loop.backward(logits_loss + out.aux_loss, logits_loss=logits_loss, aux_loss=out.aux_loss,
-                      ce_loss=ce, tag_tokens=tag_frac)
+        loop.backward(logits_loss, units=loop.units, aux=out.aux_loss, logits_loss=logits_loss, ce_loss=ce,
+                      tag_tokens=tag_frac)
     loop.finish()
 
 

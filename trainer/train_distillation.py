@@ -17,8 +17,8 @@ Loss over the supervised positions S (labels != -100 after the shift), mean over
 
 (Hinton et al. 2015: T^2 keeps the soft-target gradients on the scale of the hard-target ones.) The KL runs over the
 vocabulary both models share (the smaller of the two) and in fp32 on the supervised rows only. The teacher is frozen,
-not DDP-wrapped, and runs under the same autocast as the student. Without the teacher's weight file the run trains
-on plain CE (alpha = 1) and says so in the log.
+not DDP-wrapped, and runs under the same autocast as the student. A missing teacher weight file is an error;
+`--from_teacher_weight none` trains the student on plain CE (alpha = 1) on purpose.
 """
 import os
 import re
@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset, collate_lm
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, count_params
-from trainer.trainer_utils import (Logger, TrainLoop, UserError, build_optimizer, build_parser, init_model,
-                                   init_run, load_weights, parse_args, run_main, str2bool_int, weight_path)
+from trainer.trainer_utils import (Logger, TrainLoop, UserError, build_optimizer, build_parser, check_max_seq_len,
+                                   check_model_size, dataset_options, init_model, init_run, load_weights, parse_args,
+                                   run_main, str2bool_int, weight_path)
 
 
 def distillation_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float):
@@ -88,7 +89,7 @@ def main():
     parser.add_argument("--from_student_weight", type=str, default="full_sft",
                         help="学生初始化权重名, none=随机 / student init weight name or none")
     parser.add_argument("--from_teacher_weight", type=str, default="full_sft",
-                        help="教师权重名; 文件不存在则退化为纯 CE / teacher weight name (missing file: plain CE)")
+                        help="教师权重名, none=不用教师 (纯 CE) / teacher weight name; none = no teacher (plain CE)")
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="CE 权重, 1-alpha 给蒸馏项 / weight of the label CE; 1-alpha goes to the KD term")
     parser.add_argument("--temperature", type=float, default=1.5,
@@ -101,6 +102,8 @@ def main():
         args.teacher_headwise_attn_output_gate = args.headwise_attn_output_gate
     if not 0.0 <= args.alpha <= 1.0 or args.temperature <= 0:
         raise UserError(f"--alpha must be in [0, 1] and --temperature > 0 (got {args.alpha}, {args.temperature})")
+    check_model_size(args.student_hidden_size, args.student_num_layers, "--student_hidden_size", "--student_num_layers")
+    check_model_size(args.teacher_hidden_size, args.teacher_num_layers, "--teacher_hidden_size", "--teacher_num_layers")
     ctx = init_run(args)
 
     # ---------------------------------------------------------------- student, teacher and data
@@ -119,7 +122,11 @@ def main():
     teacher = None
     teacher_file = weight_path(args.save_dir, args.from_teacher_weight, teacher_config.hidden_size,
                                teacher_config.use_moe)
-    if args.from_teacher_weight != "none" and os.path.exists(teacher_file):
+    if args.from_teacher_weight != "none":
+        if not os.path.exists(teacher_file):
+            raise UserError(f"teacher weight file {teacher_file} not found: train the teacher first, or set "
+                            "--teacher_hidden_size/--teacher_num_layers/--teacher_use_moe/--from_teacher_weight to "
+                            "match an existing file; --from_teacher_weight none trains on plain CE without a teacher")
         teacher = MiniMindForCausalLM(teacher_config)
         try:
             load_weights(teacher, teacher_file, teacher_config)
@@ -129,11 +136,11 @@ def main():
         Logger(f"Teacher Params: {count_params(teacher)[0]:.2f}M from {teacher_file} | alpha {args.alpha:g}, "
                f"temperature {args.temperature:g}")
     else:
-        why = "--from_teacher_weight none" if args.from_teacher_weight == "none" else f"{teacher_file} not found"
-        Logger(f"NOTICE: no teacher ({why}): training the student on plain cross-entropy (alpha = 1, no KD term). "
-               "Train the teacher first or pass --teacher_hidden_size/--teacher_num_layers/--teacher_use_moe.")
+        Logger("NOTICE: no teacher (--from_teacher_weight none): training the student on plain cross-entropy "
+               "(alpha = 1, no KD term)")
 
-    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    check_max_seq_len(args.max_seq_len, tokenizer)
+    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, **dataset_options(SFTDataset, args))
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_lm,
                      config=student_config, stage="Distillation", tokenizer=tokenizer,
@@ -142,15 +149,17 @@ def main():
 
     # ---------------------------------------------------------------- train
     for batch in loop:
+        ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
         with ctx.autocast():
-            out = loop.model(batch["input_ids"])
+            out = loop.model(ids, attention_mask=mask, position_ids=pos)
             if teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = teacher(batch["input_ids"]).logits
+                    teacher_logits = teacher(ids, attention_mask=mask, position_ids=pos).logits
             else:
                 teacher_logits = None
         loss, ce, kd = distillation_loss(out.logits, teacher_logits, batch["labels"], args.alpha, args.temperature)
-        loop.backward(loss + out.aux_loss, ce_loss=ce, distill_loss=kd, aux_loss=out.aux_loss)
+        # a mean over the supervised tokens (CE and KD alike): the loop weights it by their number
+        loop.backward(loss, units=loop.units, aux=out.aux_loss, ce_loss=ce, distill_loss=kd)
         del teacher_logits
     loop.finish()
 

@@ -16,7 +16,6 @@ no supervised token (e.g. truncated away by --max_seq_len) adds nothing to the l
 Logged: dpo_loss, aux_loss (MoE), reward_accuracy, reward_margin, chosen/rejected_reward (beta * policy-ref log-ratio)
 and chosen/rejected_logp (policy).
 """
-import copy
 import sys
 from pathlib import Path
 
@@ -26,9 +25,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.lm_dataset import DPODataset, collate_dpo
-from trainer.rl_utils import selected_logprobs
-from trainer.trainer_utils import (TrainLoop, build_optimizer, build_parser, init_model, init_run,
-                                   model_config_from_args, parse_args, run_main)
+from trainer.rl_utils import frozen_copy, selected_logprobs
+from trainer.trainer_utils import (TrainLoop, build_optimizer, build_parser, check_max_seq_len, dataset_options,
+                                   init_model, init_run, model_config_from_args, parse_args, run_main)
 
 
 def token_logps(logits, labels):
@@ -84,6 +83,14 @@ def dpo_loss(policy_logps, ref_logps, beta: float, n_tokens=None):
     return loss, metrics
 
 
+def valid_pairs(batch) -> int:
+    """Loss units of a DPO batch (counted on the CPU batch): pairs whose chosen and rejected answers both keep at
+    least one supervised token. The loss is a mean over them, so the loop weights micro-batches by this count."""
+    n = (batch["labels"][:, 1:] != -100).sum(dim=1)
+    b = n.shape[0] // 2
+    return int(((n[:b] > 0) & (n[b:] > 0)).sum())
+
+
 def main():
     parser = build_parser("MiniMind DPO", save_weight="dpo", epochs=1, batch_size=4, learning_rate=4e-8,
                           accumulation_steps=1, log_interval=100, save_interval=100, max_seq_len=1024,
@@ -98,27 +105,29 @@ def main():
     # ---------------------------------------------------------------- policy, frozen reference, data
     config = model_config_from_args(args)
     model, tokenizer = init_model(config, args.from_weight, args.tokenizer_path, args.save_dir, ctx.device)
-    # the reference never changes, so it is neither DDP-wrapped nor part of the resume file (it is full_sft again)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    dataset = DPODataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    # the reference never changes, so it is neither DDP-wrapped nor part of the resume file (it is full_sft again);
+    # frozen_copy broadcasts rank 0's weights, so it equals the DDP policy on every rank also with --from_weight none
+    ref_model = frozen_copy(model)
+    check_max_seq_len(args.max_seq_len, tokenizer)
+    dataset = DPODataset(args.data_path, tokenizer, max_length=args.max_seq_len, **dataset_options(DPODataset, args))
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_dpo,
-                     config=config, stage="DPO", tokenizer=tokenizer,
+                     config=config, stage="DPO", tokenizer=tokenizer, count_units=valid_pairs,
                      run_name=f"MiniMind-DPO-Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
     normalize = args.loss_type == "sigmoid_norm"
 
     # ---------------------------------------------------------------- train: chosen and rejected in one forward
     for batch in loop:
-        ids, labels = batch["input_ids"], batch["labels"]
+        ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
         # same autocast for both models, so policy and reference log-probs are computed in the same precision
         with ctx.autocast():
             with torch.no_grad():
-                ref_logps, _ = sequence_logps(ref_model(ids).logits, labels, normalize)
-            out = loop.model(ids)
+                ref_logps, _ = sequence_logps(ref_model(ids, attention_mask=mask).logits, labels, normalize)
+            out = loop.model(ids, attention_mask=mask)
             policy_logps, n_tokens = sequence_logps(out.logits, labels, normalize)
             loss_dpo, metrics = dpo_loss(policy_logps, ref_logps, args.beta, n_tokens)
-            loss = loss_dpo + out.aux_loss
-        loop.backward(loss, dpo_loss=loss_dpo, aux_loss=out.aux_loss, **metrics)
+        # loss_dpo is the mean over this micro-batch's valid pairs; the loop weights it by their number
+        loop.backward(loss_dpo, units=loop.units, aux=out.aux_loss, dpo_loss=loss_dpo, **metrics)
     loop.finish()
 
 

@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.lm_dataset import SFTDataset, collate_lm
 from model.model_lora import DEFAULT_TARGETS, apply_lora, count_lora_params, lora_state_dict, parse_targets
-from trainer.trainer_utils import (Logger, TrainLoop, build_optimizer, build_parser, init_model, init_run,
-                                   model_config_from_args, parse_args, run_main, weight_path)
+from trainer.trainer_utils import (Logger, TrainLoop, build_optimizer, build_parser, check_max_seq_len,
+                                   dataset_options, init_model, init_run, model_config_from_args, parse_args,
+                                   run_main, weight_path)
 
 
 def main():
@@ -55,7 +56,8 @@ def main():
     n_lora = count_lora_params(model)
     Logger(f"LLM 总参数量 / total params: {total / 1e6:.3f}M | LoRA 参数量 / LoRA params: {n_lora / 1e6:.4f}M "
            f"({n_lora / total:.2%}) | rank {args.lora_rank}, alpha {args.lora_alpha:g}, targets {args.lora_target}")
-    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    check_max_seq_len(args.max_seq_len, tokenizer)
+    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, **dataset_options(SFTDataset, args))
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)  # LoRA tensors only
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_lm,
                      config=config, stage="LoRA", tokenizer=tokenizer,
@@ -67,8 +69,9 @@ def main():
     # ---------------------------------------------------------------- train (frozen base: only adapters get grads)
     for batch in loop:
         with ctx.autocast():
-            out = loop.model(batch["input_ids"], labels=batch["labels"])
-        loop.backward(out.loss + out.aux_loss, logits_loss=out.loss, aux_loss=out.aux_loss)
+            out = loop.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch.get("position_ids"), labels=batch["labels"])
+        loop.backward(out.loss, units=loop.units, aux=out.aux_loss, logits_loss=out.loss)
     loop.finish()
 
 

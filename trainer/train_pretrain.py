@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.lm_dataset import PretrainDataset, collate_lm
-from trainer.trainer_utils import (TrainLoop, build_optimizer, build_parser, init_model, init_run,
+from trainer.trainer_utils import (TrainLoop, build_optimizer, build_parser, dataset_options, init_model, init_run,
                                    model_config_from_args, parse_args, run_main)
 
 
@@ -28,7 +28,8 @@ def main():
     # ---------------------------------------------------------------- model and data
     config = model_config_from_args(args)
     model, tokenizer = init_model(config, args.from_weight, args.tokenizer_path, args.save_dir, ctx.device)
-    dataset = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    dataset = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len,
+                              **dataset_options(PretrainDataset, args))
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_lm,
                      config=config, stage="Pretrain", tokenizer=tokenizer)
@@ -36,9 +37,10 @@ def main():
     # ---------------------------------------------------------------- train
     for batch in loop:
         with ctx.autocast():
-            out = loop.model(batch["input_ids"], labels=batch["labels"])
-            loss = out.loss + out.aux_loss
-        loop.backward(loss, logits_loss=out.loss, aux_loss=out.aux_loss)
+            out = loop.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch.get("position_ids"), labels=batch["labels"])
+        # out.loss is the mean over this micro-batch's supervised tokens; the loop re-weights it by their number
+        loop.backward(out.loss, units=loop.units, aux=out.aux_loss, logits_loss=out.loss)
     loop.finish()
 
 

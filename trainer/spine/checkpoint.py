@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
+import pickle
+import zipfile
 
 import torch
 import torch.distributed as dist
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, count_params
 from trainer.spine.common import Logger, UserError, root_path
+from trainer.spine.guards import SaveError, TrainingDiverged, all_finite
 from trainer.spine.runtime import unwrap
 
 
@@ -18,24 +22,53 @@ def weight_path(save_dir: str, weight: str, hidden_size: int, use_moe) -> str:
     return os.path.join(save_dir, f"{weight}_{hidden_size}{'_moe' if use_moe else ''}.pth")
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save through a temp file and rename: a crash mid-write never destroys the previous file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def _atomic_write(write, path: str) -> None:
+    """write(tmp) then rename over path: a crash or a full disk mid-write never touches the previous file. An
+    OSError (disk full, no permission) becomes one SaveError line naming the file; the temp file is removed."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise SaveError(f"cannot write {path}: {e.strerror or e}; the previous file (if any) is intact. Free disk "
+                        "space or pass a writable --save_dir/--checkpoint_dir, then resume with --from_resume 1") \
+            from None
+    except RuntimeError as e:  # torch.save reports a failed write (e.g. ENOSPC inside the zip writer) this way
+        if "PytorchStreamWriter" not in str(e) and "write failed" not in str(e):
+            raise
+        raise SaveError(f"cannot write {path}: {str(e).splitlines()[0]}; the previous file (if any) is intact. Free "
+                        "disk space or pass a writable --save_dir/--checkpoint_dir") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def atomic_save(obj, path: str) -> None:
+    """torch.save through a temp file and rename: a crash mid-write never destroys the previous file."""
+    _atomic_write(lambda tmp: torch.save(obj, tmp), path)
+
+
 def atomic_write_text(text: str, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    _atomic_write(write, path)
+
+
+def load_torch_file(path: str, what: str, fix: str):
+    """torch.load(weights_only=True) with one readable message for an empty, truncated or foreign file."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise UserError(f"{what} {path} is empty (0 bytes), probably from a crash or a full disk during a save; "
+                        f"{fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
+            AttributeError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{what} {path} ({size} bytes) is not a readable PyTorch file: truncated or not a torch.save "
+                        f"file ({first[:160]}); {fix}") from None
 
 
 def sidecar_path(pth: str) -> str:
@@ -43,11 +76,55 @@ def sidecar_path(pth: str) -> str:
 
 
 def read_sidecar(pth: str) -> dict | None:
+    """The sidecar JSON beside a weights file, None when there is none; a corrupt one is a UserError."""
     p = sidecar_path(pth)
     if not os.path.exists(p):
         return None
-    with open(p, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(p, encoding="utf-8") as f:
+            side = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"sidecar {p} is not valid JSON ({e}); it describes {os.path.basename(pth)} (sizes, "
+                        "tokenizer). Restore it from the run that wrote it, or delete it to use the weights without "
+                        "it (sizes then come from your flags)") from None
+    if not isinstance(side, dict):
+        raise UserError(f"sidecar {p} holds a JSON {type(side).__name__}, not an object; restore or delete it")
+    return side
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer fingerprint: weights remember which token ids they were trained on
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 (16 hex digits) of the token -> id map and, for BPE, the merges: equal exactly when two tokenizers
+    give the same ids to the same text (up to normalisation). Content-based, so a copied folder matches."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        merges = json.loads(backend.to_str()).get("model", {}).get("merges")
+        if merges:
+            h.update(json.dumps(merges, ensure_ascii=False).encode())
+    return h.hexdigest()[:16]
+
+
+def check_tokenizer(weight_file: str, tokenizer, tokenizer_path: str) -> None:
+    """Stop when the weights were trained with another tokenizer (their sidecar records its fingerprint); warn when
+    a weights file without a sidecar meets this repo's default tokenizer (e.g. original MiniMind weights, whose
+    token ids mostly differ from ours)."""
+    side = read_sidecar(weight_file)
+    if side is None:
+        if os.path.abspath(tokenizer_path) == os.path.abspath(root_path("model")):
+            Logger(f"WARNING: {weight_file} has no sidecar JSON, so its tokenizer cannot be checked. If these are "
+                   "original MiniMind weights, pass --tokenizer_path pointing to MiniMind's own tokenizer folder "
+                   "(this repo's tokenizer gives other ids to most tokens).")
+        return
+    recorded = side.get("tokenizer_hash")
+    if recorded and recorded != tokenizer_fingerprint(tokenizer):
+        raise UserError(f"{weight_file} was trained with another tokenizer ({side.get('tokenizer_path')}, "
+                        f"fingerprint {recorded}) than --tokenizer_path {tokenizer_path} "
+                        f"({tokenizer_fingerprint(tokenizer)}); pass --tokenizer_path {side.get('tokenizer_path')} "
+                        "or a copy of that tokenizer")
 
 
 # Config fields that decide the state_dict layout, and the flag that sets each.
@@ -55,16 +132,23 @@ ARCH_FLAGS = {"hidden_size": "--hidden_size", "num_hidden_layers": "--num_hidden
               "headwise_attn_output_gate": "--headwise_attn_output_gate"}
 
 
-def save_weights(state_dict: dict, path: str, config: MiniMindConfig | None, **meta) -> None:
-    """fp16 weights (MiniMind's convention) plus a readable sidecar JSON with the config and provenance."""
+def save_weights(state_dict: dict, path: str, config: MiniMindConfig | None, tokenizer=None, **meta) -> None:
+    """fp16 weights (MiniMind's convention) plus a readable sidecar JSON with the config, the tokenizer's
+    fingerprint and provenance. Non-finite weights are refused: they would overwrite a good file with a broken one."""
+    if not all_finite(state_dict):
+        raise TrainingDiverged(f"the weights to be saved to {path} contain NaN/inf; nothing was written")
     half = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu())
             for k, v in state_dict.items()}
+    if not all_finite(half):
+        big = next(k for k, v in half.items() if v.is_floating_point() and not torch.isfinite(v).all())
+        raise TrainingDiverged(f"{big} exceeds the float16 range (|w| > 65504), so {path} would hold inf; nothing "
+                               "was written. Lower --learning_rate or raise --weight_decay")
+    if tokenizer is not None:
+        meta["tokenizer_hash"] = tokenizer_fingerprint(tokenizer)
     atomic_save(half, path)
     side = {"model_config": config.to_dict() if config is not None else None, **meta,
             "saved_at": datetime.datetime.now().isoformat(timespec="seconds")}
     atomic_write_text(json.dumps(side, indent=2, ensure_ascii=False, default=str), sidecar_path(path))
-
-
 
 
 def _diagnose_mismatch(model_sd: dict, file_sd: dict, path: str, config: MiniMindConfig) -> str:
@@ -108,7 +192,11 @@ def load_weights(model: torch.nn.Module, path: str, config: MiniMindConfig) -> N
     """Strict load of a .pth state_dict; a mismatch stops with a message naming the flag that fixes it."""
     if not os.path.exists(path):
         raise UserError(_missing_weight_message(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = load_torch_file(path, "weight file", "re-run the stage that writes it, or point --from_weight/--save_dir "
+                                              "at a good copy")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"weight file {path} is a torch file but not a state_dict of tensors (a resume file or "
+                        "another object?); pass a weights file such as out/full_sft_512.pth")
     model_sd = model.state_dict()
     if set(sd) != set(model_sd) or any(sd[k].shape != model_sd[k].shape for k in model_sd):
         raise UserError(_diagnose_mismatch(model_sd, sd, path, config))
@@ -152,7 +240,9 @@ def init_model(config: MiniMindConfig, from_weight: str = "pretrain", tokenizer_
                         f"{config.vocab_size}; use a tokenizer with at most {config.vocab_size} tokens")
     model = MiniMindForCausalLM(config)
     if from_weight != "none":
-        load_weights(model, weight_path(save_dir, from_weight, config.hidden_size, config.use_moe), config)
+        path = weight_path(save_dir, from_weight, config.hidden_size, config.use_moe)
+        load_weights(model, path, config)
+        check_tokenizer(path, tokenizer, tokenizer_path)
     if log:
         total, active = count_params(model)
         Logger(f"Model Params: {total:.2f}M" + (f"-A{active:.2f}M" if config.use_moe else "")
@@ -168,13 +258,21 @@ def lm_checkpoint(config, weight="full_sft", model=None, optimizer=None, epoch=0
     (or a list of them), epoch, step, world_size, wandb run id, and every extra kwarg (objects with state_dict()
     are stored as their state). Load returns that dict, or None when there is no resume file.
     """
-    path = weight_path(save_dir, weight, config.hidden_size, config.use_moe).replace(".pth", "_resume.pth")
+    path = resume_path(save_dir, weight, config)
     if model is None:
         if not os.path.exists(path):
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        fix = "delete it (or pass --from_resume 0) to start over; the weights in --save_dir are not affected"
+        ckp = load_torch_file(path, "resume file", fix)
+        missing = [k for k in ("model", "epoch", "samples") if not isinstance(ckp, dict) or k not in ckp]
+        if missing:
+            raise UserError(f"resume file {path} is not a resume checkpoint of this repo (no {missing}); {fix}")
+        return ckp
     m = unwrap(model)
-    state = {"model": trainable_state_dict(m), "epoch": epoch, "step": step,
+    weights = trainable_state_dict(m)
+    if not all_finite(weights):
+        raise TrainingDiverged(f"the model holds NaN/inf weights; the resume file {path} was not written")
+    state = {"model": weights, "epoch": epoch, "step": step,
              "world_size": dist.get_world_size() if dist.is_initialized() else 1,
              "wandb_id": getattr(wandb, "id", None)}
     if optimizer is not None:
@@ -186,6 +284,10 @@ def lm_checkpoint(config, weight="full_sft", model=None, optimizer=None, epoch=0
                 (v.state_dict() if hasattr(v, "state_dict") else v)
     atomic_save(state, path)
     return path
+
+
+def resume_path(checkpoint_dir: str, weight: str, config) -> str:
+    return weight_path(checkpoint_dir, weight, config.hidden_size, config.use_moe).replace(".pth", "_resume.pth")
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict:

@@ -1,11 +1,20 @@
-"""The training loop every stage shares (TrainLoop), its LR schedule, resumable data order, optimizer and logging."""
+"""The training loop every stage shares (TrainLoop), its LR schedule, resumable data order and optimizer.
+
+Step semantics: an optimizer step takes one accumulation window (accumulation_steps micro-batches on every rank; an
+epoch's last window may be shorter, never merged into the next epoch). --max_steps, --log_interval and
+--save_interval count optimizer steps. The loss of a step is the mean over all its units (supervised tokens by
+default) across the window and the ranks, whatever the split into micro-batches (`backward(loss, units=n)`). The
+cosine schedule follows the samples consumed (so it is the same curve for any number of processes), or the optimizer
+steps when --max_steps ends the run early. Guards (spine/guards.py): non-finite steps are skipped and counted, a stop
+signal saves a resume checkpoint at the next step boundary, nothing non-finite is ever written.
+"""
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
+import signal
 import time
 
 import torch
@@ -14,16 +23,30 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from model.model_minimind import MiniMindConfig
-from trainer.spine.checkpoint import (lm_checkpoint, load_trainable_state_dict, save_weights, weight_path)
-from trainer.spine.common import Logger, UserError, is_main_process
-from trainer.spine.runtime import RunContext, cleanup_distributed, reduce_mean, unwrap, wrap_model
+from trainer.spine.checkpoint import (lm_checkpoint, load_trainable_state_dict, read_sidecar, resume_path,
+                                      save_weights, sidecar_path, weight_path)
+from trainer.spine.common import Logger, UserError
+from trainer.spine.guards import (EXIT_SIGNAL, StopSignals, TrainingDiverged, TrainingStopped, check_writable_dir,
+                                  ignore_stop_signals_in_worker, remove_stale_temps)
+from trainer.spine.logs import MetricsFile, NoOpWandb, init_wandb  # noqa: F401 (re-exported)
+from trainer.spine.runtime import RunContext, cleanup_distributed, unwrap, wrap_model
 
 
-def get_lr(step: int, total_steps: int, lr: float, warmup: int = 0) -> float:
-    """Cosine from lr to 0.1*lr over total_steps (reference schedule), with an optional linear warmup."""
+def get_lr(step: float, total_steps: float, lr: float, warmup: int = 0) -> float:
+    """Cosine from lr to 0.1*lr over total_steps (reference schedule), with an optional linear warmup. `step` and
+    `total_steps` may be any unit of progress (the loop passes samples consumed)."""
     if warmup > 0 and step < warmup:
         return lr * (step + 1) / warmup
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1))))
+
+
+def supervised_tokens(batch) -> int | None:
+    """Default unit count of a micro-batch: positions with a next-token target, (labels[:, 1:] != -100).sum();
+    None for batches without labels (RL prompts), whose loss is averaged per micro-batch instead."""
+    labels = batch.get("labels") if isinstance(batch, dict) else None
+    if not isinstance(labels, torch.Tensor):
+        return None
+    return int((labels[:, 1:] != -100).sum())
 
 
 class SkipBatchSampler(Sampler):
@@ -87,44 +110,6 @@ def build_optimizer(model_or_params, lr: float, weight_decay: float = 0.01, devi
     return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Logging
-
-class NoOpWandb:
-    """Stands in for wandb on ranks != 0 and without --use_wandb, so call sites need no `if wandb:`."""
-    id = None
-
-    def log(self, *a, **k):
-        pass
-
-    def finish(self, *a, **k):
-        pass
-
-
-def init_wandb(args, run_name: str, resume_id: str | None = None):
-    if not getattr(args, "use_wandb", False) or not is_main_process():
-        return NoOpWandb()
-    import wandb
-    run = wandb.init(project=args.wandb_project, name=run_name, config=vars(args),
-                     id=resume_id, resume="allow" if resume_id else None)
-    return run
-
-
-class MetricsFile:
-    """Appends every logged metrics row to a JSONL file next to the resume checkpoint (rank 0 only)."""
-
-    def __init__(self, path: str | None):
-        self.path = path if is_main_process() else None
-        if self.path:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-
-    def write(self, row: dict) -> None:
-        if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-
 def _to_device(batch, device, non_blocking):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=non_blocking)
@@ -139,6 +124,8 @@ class TrainLoop:
     model: the trainable module (unwrapped). `loop.model` is what to call forward on (DDP/compiled).
     optimizer: one optimizer or a dict of named ones (each clipped on its own params; a group's `initial_lr`,
         default its lr at construction, is its peak lr for the schedule).
+    count_units: batch -> number of loss units in it (default supervised_tokens; DPO counts valid pairs). Counted
+        on the CPU batch before it moves to the device, so it costs no device sync.
     weights_path / weights_state: where and what the weights file holds (default: the full model state_dict at
         {save_dir}/{save_weight}_{h}{_moe}.pth); LoRA passes its own.
     resume_objects: extra things with state_dict()/load_state_dict() saved in the resume file (critic, tracker...).
@@ -146,7 +133,8 @@ class TrainLoop:
 
     def __init__(self, args, ctx: RunContext, *, model, optimizer, dataset, collate_fn, config: MiniMindConfig,
                  stage: str, tokenizer=None, weights_path: str | None = None, weights_state=None,
-                 resume_objects: dict | None = None, run_name: str | None = None, checkpoint_name: str | None = None):
+                 resume_objects: dict | None = None, run_name: str | None = None, checkpoint_name: str | None = None,
+                 count_units=supervised_tokens):
         self.args, self.ctx, self.config, self.stage = args, ctx, config, stage
         self.raw_model = model
         # named optimizers ({"actor": a, "critic": c}) get their own clipping and grad-norm metric
@@ -154,54 +142,109 @@ class TrainLoop:
         for opt in self.optimizers.values():
             for g in opt.param_groups:
                 g.setdefault("initial_lr", g["lr"])
-        self.dataset, self.collate_fn, self.tokenizer = dataset, collate_fn, tokenizer
+        self.dataset, self.collate_fn, self.tokenizer, self.count_units = dataset, collate_fn, tokenizer, count_units
         self.weight_name = checkpoint_name or args.save_weight
         self.weights_path = weights_path or weight_path(args.save_dir, args.save_weight, config.hidden_size,
                                                         config.use_moe)
         self.weights_state = weights_state or (lambda m: m.state_dict())
         self.resume_objects = resume_objects or {}
-        self.accum = max(1, args.accumulation_steps)
+        self.resume_path = resume_path(args.checkpoint_dir, self.weight_name, config)
+        metrics_path = self.resume_path.replace("_resume.pth", "_metrics.jsonl")
+        self.accum = args.accumulation_steps
+        if len(dataset) == 0:
+            raise UserError(f"the training data {getattr(args, 'data_path', '')} has no samples (empty file or only "
+                            "blank lines): nothing to train on; pass a --data_path with data")
+        if ctx.is_main:
+            check_writable_dir(os.path.dirname(os.path.abspath(self.weights_path)), "--save_dir")
+            check_writable_dir(args.checkpoint_dir, "--checkpoint_dir")
+            stale = remove_stale_temps([self.weights_path, sidecar_path(self.weights_path), self.resume_path,
+                                        metrics_path])
+            if stale:
+                Logger(f"removed {len(stale)} temporary file(s) left by an interrupted save: {', '.join(stale)}")
+        if getattr(args, "grad_checkpointing", 0):
+            self._enable_grad_checkpointing(model)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16 and
                                            ctx.device.type == "cuda")
         self._wrapped = []
         self.model = self.wrap(model)
 
-        # resume
+        # resume: optimizer steps done, micro-batches done (global_step), data position (epoch + samples into it)
         self.start_epoch, self.skip_samples, self.global_step, self.opt_step = 0, 0, 0, 0
+        self.bad_steps, self.bad_in_a_row, self.empty_windows, self.overflow_steps = 0, 0, 0, 0
         ckp = lm_checkpoint(config, self.weight_name, save_dir=args.checkpoint_dir) if args.from_resume else None
-        resume_path = weight_path(args.checkpoint_dir, self.weight_name, config.hidden_size,
-                                  config.use_moe).replace(".pth", "_resume.pth")
         if args.from_resume and ckp is None:
-            Logger(f"--from_resume 1 but no {resume_path}: starting from scratch")
+            Logger(f"--from_resume 1 but no {self.resume_path}: starting from scratch")
         if ckp is not None:
-            load_trainable_state_dict(model, ckp["model"], resume_path)
-            if set(ckp["optimizer"]) != set(self.optimizers):
-                raise UserError(f"resume file {resume_path} holds optimizers {sorted(ckp['optimizer'])}, "
-                                f"this script has {sorted(self.optimizers)}; pass --from_resume 0")
-            for name, opt in self.optimizers.items():
-                opt.load_state_dict(ckp["optimizer"][name])
-            if "scaler" in ckp:
-                self.scaler.load_state_dict(ckp["scaler"])
-            for name, obj in self.resume_objects.items():
-                if name not in ckp:
-                    raise UserError(f"resume file {resume_path} has no '{name}' state; pass --from_resume 0")
-                obj.load_state_dict(ckp[name])
-            self.start_epoch, self.skip_samples = ckp["epoch"], ckp["samples"]
-            self.global_step, self.opt_step = ckp["global_step"], ckp["opt_step"]
-            Logger(f"resumed from {resume_path}: epoch {self.start_epoch + 1}, {self.skip_samples} samples done, "
-                   f"global step {self.global_step} (saved with world size {ckp['world_size']}, now {ctx.world_size})")
+            self._load_resume(ckp)
+        self._start_opt_step = self.opt_step
+        self.updates = 0  # optimizer updates applied by this run (skipped and empty steps excluded)
+        self._last_save = (self.resume_path, self.opt_step) if ckp is not None else None
+
+        # the whole run in optimizer steps, for this batch size, accumulation and world size
+        steps_left = 0
+        for epoch in range(self.start_epoch, args.epochs):
+            skip = self.skip_samples if epoch == self.start_epoch else 0
+            batches = len(SkipBatchSampler(len(dataset), args.batch_size, world_size=ctx.world_size,
+                                           skip_samples=skip))
+            steps_left += math.ceil(batches / self.accum)
+        natural_total = self.opt_step + steps_left
+        self.total_steps = min(natural_total, args.max_steps) if args.max_steps else natural_total
+        # --max_steps that ends the run early also ends the cosine there; otherwise the cosine follows samples
+        self.step_schedule = bool(args.max_steps) and args.max_steps < natural_total
+        self.total_samples = args.epochs * len(dataset)
+        if ckp is not None and self.opt_step >= self.total_steps:
+            self._release()
+            raise TrainingStopped(f"already finished at step {self.opt_step} ({self.weights_path}); nothing to do. "
+                                  "Raise --epochs or --max_steps to train on, or pass --from_resume 0 to start over",
+                                  0)
+        if len(dataset) < args.batch_size * ctx.world_size and ctx.is_main:
+            Logger(f"NOTE: the data has {len(dataset)} samples, fewer than one batch ({args.batch_size} x "
+                   f"{ctx.world_size} ranks): every epoch is a single step on those samples")
+
         self.wandb = init_wandb(args, run_name or f"MiniMind-{stage}-Epoch-{args.epochs}-BatchSize-"
                                 f"{args.batch_size}-LearningRate-{args.learning_rate}",
-                                ckp.get("wandb_id") if ckp else None)
-        self.metrics_file = MetricsFile(weight_path(args.checkpoint_dir, self.weight_name, config.hidden_size,
-                                                    config.use_moe).replace(".pth", "_metrics.jsonl"))
-        full = SkipBatchSampler(len(dataset), args.batch_size, world_size=ctx.world_size)
-        self.iters_per_epoch = len(full)
-        self.total_steps = args.epochs * self.iters_per_epoch
-        if args.max_steps:
-            self.total_steps = min(self.total_steps, args.max_steps)
-        self._sums, self._count, self._tokens, self._grad_norms = {}, 0, 0, {}
+                                ckp.get("wandb_id") if ckp else None, self.opt_step)
+        self.metrics_file = MetricsFile(metrics_path)
+        self.metrics_file.truncate_after(self.opt_step)  # a fresh run (step 0) starts a new file
+        self.iters_per_epoch = len(SkipBatchSampler(len(dataset), args.batch_size, world_size=ctx.world_size))
+        self._reset_log()
         self._saved_at = None
+        self._window, self._units_total, self.units = 1, None, None
+        self.epoch, self.step = self.start_epoch, 0
+
+    def _enable_grad_checkpointing(self, model) -> None:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise UserError(f"--grad_checkpointing 1: {type(model).__name__} has no gradient_checkpointing_enable()")
+        try:
+            model.gradient_checkpointing_enable()
+        except ValueError as e:
+            raise UserError(f"--grad_checkpointing 1 is not supported by this model ({e}); pass 0") from None
+        Logger("gradient checkpointing on: activations are recomputed in backward")
+
+    def _load_resume(self, ckp: dict) -> None:
+        path = self.resume_path
+        load_trainable_state_dict(self.raw_model, ckp["model"], path)
+        if set(ckp.get("optimizer", {})) != set(self.optimizers):
+            raise UserError(f"resume file {path} holds optimizers {sorted(ckp.get('optimizer', {}))}, "
+                            f"this script has {sorted(self.optimizers)}; pass --from_resume 0")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(ckp["optimizer"][name])
+        if "scaler" in ckp:
+            self.scaler.load_state_dict(ckp["scaler"])
+        for name, obj in self.resume_objects.items():
+            if name not in ckp:
+                raise UserError(f"resume file {path} has no '{name}' state; pass --from_resume 0")
+            obj.load_state_dict(ckp[name])
+        self.start_epoch, self.skip_samples = ckp["epoch"], ckp["samples"]
+        self.global_step, self.opt_step = ckp.get("global_step", 0), ckp.get("opt_step", 0)
+        self.bad_steps, self.empty_windows = ckp.get("bad_steps", 0), ckp.get("empty_windows", 0)
+        Logger(f"resumed from {path}: step {self.opt_step}, epoch {self.start_epoch + 1}, {self.skip_samples} "
+               f"samples into it (saved with world size {ckp.get('world_size')}, now {self.ctx.world_size})")
+        # weights and resume file are written together; a kill between the two leaves the weights one save ahead
+        side = read_sidecar(self.weights_path) if os.path.exists(self.weights_path) else None
+        if side and side.get("stage") == self.stage and side.get("step", self.opt_step) != self.opt_step:
+            Logger(f"NOTE: {self.weights_path} is from step {side.get('step')}, the resume file from step "
+                   f"{self.opt_step}; training continues from step {self.opt_step} and the next save replaces it")
 
     # -- wrapping
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -216,64 +259,138 @@ class TrainLoop:
         self._t0 = self._t_last = time.time()
         self._steps_run = 0
         pin = ctx.device.type == "cuda"
-        for epoch in range(self.start_epoch, args.epochs):
-            skip = self.skip_samples if epoch == self.start_epoch else 0
-            sampler = SkipBatchSampler(len(self.dataset), args.batch_size, epoch=epoch, seed=args.seed,
-                                       rank=ctx.rank, world_size=ctx.world_size, skip_samples=skip)
-            loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
-                                num_workers=args.num_workers, pin_memory=pin,
-                                persistent_workers=False)
-            n = len(sampler)
-            if args.max_steps:  # the run stops inside this epoch: treat that point as the epoch's end
-                n = min(n, max(args.max_steps - self.global_step, 0))
-            self.epoch = epoch
-            done_before = self.iters_per_epoch - len(sampler)  # steps of this epoch run before a resume
-            for i, batch in zip(range(1, n + 1), loader):
-                self.step = done_before + i  # 1-indexed micro-step within the epoch
-                # accumulation window relative to where this (possibly resumed) epoch segment started; a short
-                # tail window is averaged over its own length
-                w_start = ((i - 1) // self.accum) * self.accum + 1
-                self._window = min(self.accum, n - w_start + 1)
-                self._sync = (i - w_start + 1) == self._window
-                self._backward_called = False
-                ids = batch.get("input_ids") if isinstance(batch, dict) else None
-                self._batch_tokens = ids.numel() if isinstance(ids, torch.Tensor) else 0
-                with contextlib.ExitStack() as stack:
-                    if not self._sync:
-                        for m in self._wrapped:
-                            if isinstance(m, DistributedDataParallel):
-                                stack.enter_context(m.no_sync())
-                    yield _to_device(batch, ctx.device, pin)
-                if not self._backward_called:
-                    raise RuntimeError("TrainLoop: call loop.backward(loss) once per batch")
-                self.global_step += 1
-                self._steps_run += 1
-                stop = bool(args.max_steps) and self.global_step >= args.max_steps
-                last = (i == n and epoch == args.epochs - 1) or stop
-                self._log_pending |= self.step % args.log_interval == 0
-                self._save_pending |= self.step % args.save_interval == 0
-                if self._sync:
-                    self._optimizer_step()
-                    epoch_done = i == len(sampler)
-                    if self._log_pending or i == n or last:
-                        self._log()
-                    if self._save_pending or epoch_done or last:
+        signals = StopSignals(f"[rank {ctx.rank}] " if ctx.ddp else "")
+        signals.install()
+        try:
+            for epoch in range(self.start_epoch, args.epochs):
+                skip = self.skip_samples if epoch == self.start_epoch else 0
+                sampler = SkipBatchSampler(len(self.dataset), args.batch_size, epoch=epoch, seed=args.seed,
+                                           rank=ctx.rank, world_size=ctx.world_size, skip_samples=skip)
+                loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+                                    num_workers=args.num_workers, pin_memory=pin, persistent_workers=False,
+                                    worker_init_fn=ignore_stop_signals_in_worker if args.num_workers else None)
+                batches, n, i = iter(loader), len(sampler), 0
+                self.epoch = epoch
+                done_before = self.iters_per_epoch - n  # micro-steps of this epoch run before a resume
+                while i < n:
+                    # the whole accumulation window first: its unit count is known before any backward
+                    window = [next(batches) for _ in range(min(self.accum, n - i))]
+                    units = [self.count_units(b) for b in window]
+                    counted = all(u is not None for u in units)
+                    total, stop = self._agree(sum(units) if counted else 0.0, signals.received)
+                    if stop is not None:
+                        self._stop(epoch, sampler.samples_after(i), stop)
+                    self._set_lr(epoch * len(self.dataset) + sampler.samples_after(i))
+                    self._window, self._units_total = len(window), (total if counted else None)
+                    if counted and total == 0:  # no supervised token anywhere in this step: nothing to learn
+                        self.empty_windows += 1
+                        self.global_step += len(window)
+                    else:
+                        for k, batch in enumerate(window):
+                            self.step = done_before + i + k + 1  # 1-indexed micro-step within the epoch
+                            self.units = units[k]
+                            self._note_batch(batch)
+                            self._backward_called = False
+                            with contextlib.ExitStack() as stack:
+                                if k < len(window) - 1:  # gradients are all-reduced once, on the window's last
+                                    for m in self._wrapped:
+                                        if isinstance(m, DistributedDataParallel):
+                                            stack.enter_context(m.no_sync())
+                                yield _to_device(batch, ctx.device, pin)
+                            if not self._backward_called:
+                                raise RuntimeError("TrainLoop: call loop.backward(loss) once per batch")
+                            self.global_step += 1
+                        self._optimizer_step()
+                    i += len(window)
+                    self.opt_step += 1
+                    self._steps_run += 1
+                    epoch_done = i == n
+                    last = (epoch_done and epoch == args.epochs - 1) or self.opt_step >= self.total_steps
+                    if self.opt_step % args.log_interval == 0 or epoch_done or last:
+                        self._log(epoch * len(self.dataset) + sampler.samples_after(i))
+                    if self.opt_step % args.save_interval == 0 or epoch_done or last:
                         self.save(epoch + 1 if epoch_done else epoch, 0 if epoch_done else sampler.samples_after(i))
-                    self._log_pending = self._save_pending = False
-                if stop:
-                    Logger(f"reached --max_steps {args.max_steps}; stopping")
-                    return
-            self.skip_samples = 0
+                    if self.opt_step >= self.total_steps:
+                        if args.max_steps and self.opt_step >= args.max_steps:
+                            Logger(f"reached --max_steps {args.max_steps}; stopping")
+                        break
+                if self.opt_step >= self.total_steps:
+                    break
+                self.skip_samples = 0
+        finally:
+            signals.restore()
+        if self.updates == 0:  # e.g. every window empty; a diverged run has raised already
+            why = (f"all {self.empty_windows} steps had no supervised token (is --max_seq_len "
+                   f"{getattr(args, 'max_seq_len', '?')} cutting every answer?)" if self.empty_windows
+                   else "no step was run")
+            raise UserError(f"the run trained nothing: {why}; no file was written")
 
-    _log_pending = False
-    _save_pending = False
+    def _agree(self, local_units: float, received: int | None):
+        """One all-reduce per optimizer step: the global unit count and whether any rank got a stop signal."""
+        if not self.ctx.ddp:
+            return local_units, received
+        t = torch.tensor([local_units, received == signal.SIGINT, received == signal.SIGTERM],
+                         dtype=torch.float64, device=self.ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        units, got_int, got_term = t.tolist()
+        agreed = received or (signal.SIGTERM if got_term else signal.SIGINT if got_int else None)
+        return units, agreed
+
+    def _stop(self, epoch: int, samples: int, signum: int) -> None:
+        """Every rank got here at the same step boundary: save the resume point, leave the process group, exit."""
+        if self.updates:
+            self.save(epoch, samples)
+            msg = f"stopped at step {self.opt_step}; resume with --from_resume 1 ({self.resume_path})"
+        else:
+            msg = "stopped before the first optimizer step of this run; nothing new to save"
+        if self.ctx.ddp:
+            dist.barrier()  # nobody exits (and makes torchrun kill the others) before rank 0 has saved
+        self.wandb.finish()
+        self._release()
+        raise TrainingStopped(msg, EXIT_SIGNAL[signum])
+
+    def _set_lr(self, samples_done: int) -> None:
+        warmup = getattr(self.args, "warmup_iters", 0)
+        for opt in self.optimizers.values():
+            for g in opt.param_groups:
+                if warmup and self.opt_step < warmup:
+                    g["lr"] = g["initial_lr"] * (self.opt_step + 1) / warmup
+                elif self.step_schedule:
+                    g["lr"] = get_lr(self.opt_step, self.args.max_steps, g["initial_lr"])
+                else:
+                    g["lr"] = get_lr(samples_done, self.total_samples, g["initial_lr"])
+
+    def _note_batch(self, batch) -> None:
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        self._batch_tokens = ids.numel() if isinstance(ids, torch.Tensor) else 0
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        if isinstance(mask, torch.Tensor) and isinstance(ids, torch.Tensor):
+            self._real += int(mask.sum())
+            self._numel += ids.numel()
 
     # -- per-step
-    def backward(self, loss: torch.Tensor, num_tokens: int | None = None, **metrics) -> None:
-        """Backward of one micro-batch's loss (scaled by its accumulation window) and bookkeeping of metrics."""
+    def backward(self, loss: torch.Tensor, units=None, num_tokens: int | None = None, aux=None, **metrics) -> None:
+        """Backward of one micro-batch.
+
+        loss: this micro-batch's mean over `units` units (supervised tokens, valid pairs...). With units, the loop
+            weights it by units x world / (units of the whole optimizer step over all micro-batches and ranks), so
+            the step's gradient is the mean over every unit whatever the batch/accumulation/rank split. Without
+            units (RL), the loss is averaged over the accumulation window as before.
+        aux: a per-micro-batch term (the MoE balance loss), averaged over the window; logged as aux_loss.
+        num_tokens: tokens processed, for tokens/s (default: the batch's input_ids.numel()).
+        """
         self._backward_called = True
-        self.scaler.scale(loss / self._window).backward()
-        self.log_metrics(loss=loss, **metrics)
+        if units is not None:
+            if self._units_total is None:
+                raise RuntimeError("TrainLoop.backward(units=...) needs batches count_units can count")
+            total = loss * (units * (self.ctx.world_size / self._units_total))
+        else:
+            total = loss / self._window
+        if aux is not None:
+            total = total + aux / self._window
+            metrics["aux_loss"] = aux
+        self.scaler.scale(total).backward()
+        self.log_metrics(loss=loss if aux is None else loss + aux.detach(), **metrics)
         self._count += 1
         self._tokens += int(num_tokens if num_tokens is not None else self._batch_tokens)
 
@@ -287,70 +404,121 @@ class TrainLoop:
             self._sums[k] = self._sums.get(k, 0.0) + v
 
     def _optimizer_step(self) -> None:
-        # The schedule counts optimizer steps, so batch 8 x accumulation 1 trains exactly like 4 x 2.
-        total = self.args.epochs * math.ceil(self.iters_per_epoch / self.accum)
+        """Clip, check, step. The gradient norm is computed even without clipping: after DDP's all-reduce it is the
+        same number on every rank, so a non-finite loss (whose gradient is non-finite too) or gradient is seen by
+        all ranks alike without another collective; one host sync per optimizer step."""
+        norms = {}
         for name, opt in self.optimizers.items():
-            for g in opt.param_groups:
-                g["lr"] = get_lr(self.opt_step, total, g["initial_lr"], getattr(self.args, "warmup_iters", 0))
             self.scaler.unscale_(opt)
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
             if self.args.grad_clip > 0:
-                params = [p for g in opt.param_groups for p in g["params"]]
-                gn = torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip)
-                self._grad_norms[f"grad_norm_{name}" if name else "grad_norm"] = gn.detach()
-            self.scaler.step(opt)
-        self.scaler.update()
+                norms[name] = torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip)
+            else:
+                norms[name] = torch.nn.utils.get_total_norm([p.grad for p in params])
+        for name, gn in norms.items():
+            self._grad_norms[f"grad_norm_{name}" if name else "grad_norm"] = gn.detach()
+        finite = bool(torch.isfinite(torch.stack([gn.float() for gn in norms.values()])).all()) if norms else True
+        if finite or self.scaler.is_enabled():
+            for opt in self.optimizers.values():
+                self.scaler.step(opt)  # GradScaler skips a step whose fp16 gradients overflowed, by itself
+            self.scaler.update()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        self.opt_step += 1
+        if finite:
+            self.bad_in_a_row = 0
+            self.updates += 1
+            return
+        if self.scaler.is_enabled():
+            self.overflow_steps += 1
+            if self.scaler.get_scale() >= 1.0:  # an ordinary fp16 overflow: the scaler backs off and retries
+                return
+        self.bad_steps += 1
+        self.bad_in_a_row += 1
+        step, lr = self.opt_step + 1, self._lr()
+        Logger(f"WARNING: step {step}: non-finite loss or gradient norm (lr {lr:.3e}); update skipped "
+               f"({self.bad_in_a_row} in a row, {self.bad_steps} in this run)")
+        if self.bad_in_a_row >= self.args.max_bad_steps:
+            if self._last_save:
+                good = f"the last good checkpoint is {self._last_save[0]} (step {self._last_save[1]})"
+            else:
+                good = "this run saved nothing, so the files it started from are untouched"
+            raise TrainingDiverged(
+                f"training diverged: {self.bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                f"norm (last at step {step}, lr {lr:.3e}); nothing non-finite was written and {good}. Lower "
+                "--learning_rate (or raise --warmup_iters, lower --grad_clip, check the data), then resume with "
+                "--from_resume 1 or start over")
 
-    def _log(self) -> None:
-        count = max(self._count, 1)
-        means = {k: float(v) / count for k, v in self._sums.items()}
-        means.update({k: float(v) for k, v in self._grad_norms.items()})  # the last step's norm, not a mean
-        keys = sorted(means)
-        vals = reduce_mean([means[k] for k in keys] + [float(self._tokens)], self.ctx.device)
-        row = dict(zip(keys, vals[:-1]))
+    def _lr(self) -> float:
+        return next(iter(self.optimizers.values())).param_groups[0]["lr"]
+
+    def _reset_log(self) -> None:
+        self._sums, self._count, self._tokens, self._grad_norms = {}, 0, 0, {}
+        self._real, self._numel = 0, 0
+
+    def _log(self, samples_done: int) -> None:
+        keys = sorted(self._sums)
+        local = [float(self._sums[k]) for k in keys] + [self._count, self._tokens, self._real, self._numel]
+        if self.ctx.ddp:  # sums over ranks in one collective; every rank logs the same keys
+            t = torch.tensor(local, dtype=torch.float64, device=self.ctx.device)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            local = t.tolist()
+        count, tokens, real, numel = local[-4:]
+        row = {k: v / max(count, 1) for k, v in zip(keys, local[:len(keys)])}
+        row.update({k: float(v) for k, v in self._grad_norms.items()})  # the last step's norm, not a mean
         now = time.time()
-        remaining = self.total_steps - self.global_step
-        eta_min = (now - self._t0) / max(self._steps_run, 1) * remaining / 60  # only steps run by this process
+        eta_min = (now - self._t0) / max(self._steps_run, 1) * (self.total_steps - self.opt_step) / 60
         for name, opt in self.optimizers.items():
             row[f"lr_{name}" if name else "lr"] = opt.param_groups[0]["lr"]
-        row.setdefault("lr", next(iter(self.optimizers.values())).param_groups[0]["lr"])
-        row.update(epoch=self.epoch + 1,
-                   step=self.step, global_step=self.global_step, eta_min=eta_min,
-                   tokens_per_s=vals[-1] * self.ctx.world_size / max(now - self._t_last, 1e-9))
+        row.setdefault("lr", self._lr())
+        if numel:
+            row["real_tokens"] = real / numel
+        row.update(epoch=self.epoch + 1, global_step=self.opt_step, micro_step=self.global_step,
+                   samples=samples_done, skipped_steps=self.bad_steps, empty_steps=self.empty_windows,
+                   eta_min=eta_min, tokens_per_s=tokens / max(now - self._t_last, 1e-9))
         self._t_last = now
         if self.ctx.is_main:
             mem = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GB" if self.ctx.device.type == "cuda" else ""
-            parts = " ".join(f"{k} {row[k]:.4f}" for k in keys)
-            print(f"Epoch [{self.epoch + 1}/{self.args.epochs}] step {self.step}/{self.iters_per_epoch} | {parts} "
-                  f"| lr {row['lr']:.3e} | {row['tokens_per_s']:.0f} tok/s | ETA {eta_min:.1f}min{mem}", flush=True)
-            self.wandb.log(row, step=self.global_step)
+            parts = " ".join(f"{k} {row[k]:.4f}" for k in keys + sorted(self._grad_norms))
+            real_part = f" | real {row['real_tokens']:.0%}" if numel else ""
+            bad = f" | skipped {self.bad_steps}" if self.bad_steps else ""
+            print(f"Epoch [{self.epoch + 1}/{self.args.epochs}] step {self.opt_step}/{self.total_steps} | {parts} "
+                  f"| lr {row['lr']:.3e} | {row['tokens_per_s']:.0f} tok/s{real_part}{bad} | ETA {eta_min:.1f}min"
+                  f"{mem}", flush=True)
+            self.wandb.log(row, step=self.opt_step)
             self.metrics_file.write(row)
-        self._sums, self._count, self._tokens, self._grad_norms = {}, 0, 0, {}
+        self._reset_log()
 
     def save(self, epoch: int, samples: int) -> None:
-        """Weights (fp16 + sidecar) and the resume file (fp32 + optimizer + data position), rank 0 only."""
-        if not self.ctx.is_main or self._saved_at == self.global_step:
+        """Weights (fp16 + sidecar) and the resume file (fp32 + optimizer + data position), rank 0 only.
+        Both describe the same optimizer step; both refuse non-finite weights."""
+        if not self.ctx.is_main or self._saved_at == self.opt_step or self.updates == 0:
             return
-        self._saved_at = self.global_step
+        self._saved_at = self.opt_step
         m = unwrap(self.raw_model)
         was_training = m.training
         m.eval()
-        save_weights(self.weights_state(m), self.weights_path, self.config, stage=self.stage,
-                     weight=self.args.save_weight, epoch=epoch, global_step=self.global_step,
-                     tokenizer_path=getattr(self.args, "tokenizer_path", None), args=vars(self.args))
+        save_weights(self.weights_state(m), self.weights_path, self.config, tokenizer=self.tokenizer,
+                     stage=self.stage, weight=self.args.save_weight, epoch=epoch, step=self.opt_step,
+                     global_step=self.opt_step, tokenizer_path=getattr(self.args, "tokenizer_path", None),
+                     args=vars(self.args))
         extras = {"scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, **self.resume_objects}
         lm_checkpoint(self.config, self.weight_name, model=m, optimizer=self.optimizers, epoch=epoch, step=self.step,
                       wandb=self.wandb, save_dir=self.args.checkpoint_dir, samples=samples,
-                      global_step=self.global_step, opt_step=self.opt_step, **extras)
+                      global_step=self.global_step, opt_step=self.opt_step, weights_step=self.opt_step,
+                      bad_steps=self.bad_steps, empty_windows=self.empty_windows, **extras)
         m.train(was_training)
+        self._last_save = (self.resume_path, self.opt_step)
 
     def finish(self) -> None:
         if self.ctx.ddp:
             self.check_replicas_in_sync()
-        Logger(f"done: {self.weights_path}")
+        Logger(f"done: {self.weights_path} (step {self.opt_step})")
         self.wandb.finish()
+        self._release()
+
+    def _release(self) -> None:
         # Free the DDP wrappers while the process group is alive: left to the garbage collector after
         # destroy_process_group, a gloo rank sometimes deadlocked at exit (seen in ~1 of 8 CPU torchrun runs).
         # A script may still hold a wrapper (e.g. PPO's critic), so drop each DDP's reducer and logger (the C++
