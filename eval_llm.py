@@ -165,11 +165,8 @@ def main(argv=None):
 
 
 def cli():
-    try:
-        run_main(main)
-    except KeyboardInterrupt:  # Ctrl-C: stop quietly, the generation thread is a daemon and ends with us
-        print("\n(interrupted)", file=sys.stderr)
-        sys.exit(130)
+    # Ctrl-C: stop quietly (exit 130); the generation thread is a daemon and ends with us
+    run_main(main, interrupted="(interrupted)")
 
 
 if __name__ == "__main__":

@@ -151,6 +151,8 @@ class JsonlFile:
                     if type(record) is not dict:
                         raise BadRecord(f"a JSON {type(record).__name__}, not an object")
                     check(record)
+                    if b"\\ud" in line or b"\\uD" in line:  # rare: only escaped surrogates can be unpaired
+                        check_unicode(record)
                 except (ValueError, BadRecord, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
                     n_bad += 1
                     if len(bad) < SHOW_BAD:
@@ -208,6 +210,7 @@ class JsonlFile:
             raise self.error(index, f"a JSON {type(record).__name__}, not an object")
         try:
             self.check(record)
+            check_unicode(record)
         except BadRecord as e:
             raise self.error(index, str(e)) from None
         return record
@@ -217,6 +220,15 @@ class JsonlFile:
 # Record checks (run on every line at start-up: structure and types only, no tokenizer)
 
 MESSAGES_FORMAT = '[{"role": "system"|"user"|"assistant"|"tool", "content": "..."}, ...]'
+
+
+def check_unicode(record):
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"); Python decodes it, but no tokenizer can encode it."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRecord("holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), which no tokenizer can "
+                        "encode") from None
 
 
 def check_messages(messages, field, need_assistant=True):

@@ -134,3 +134,19 @@ def sft_copy(tiny_sft, tmp_path) -> Path:
     """A private copy of the session's tiny SFT folder (out/ only), so a test may write next to it."""
     shutil.copytree(tiny_sft / "out", tmp_path / "out")
     return tmp_path
+
+
+def run_eval_cli(argv, monkeypatch, capsys, stdin_lines=None):
+    """eval_llm's entry point in-process; returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["eval_llm.py", *argv])
+    if stdin_lines is not None:
+        import io
+        monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{line}\n" for line in stdin_lines)))
+    code = 0
+    try:
+        import eval_llm
+        eval_llm.cli()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -86,19 +86,11 @@ def load_model(args):
     return build_hf_model(args) if is_hf_dir(args) else build_native_model(args)
 
 
-def _read_sidecar(path: str) -> dict | None:
-    try:
-        return read_sidecar(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"the sidecar {os.path.splitext(path)[0]}.json beside {path} is not valid JSON ({e}); "
-                        "delete it and pass the sizes as flags (--hidden_size ...), or re-save the weights") from None
-
-
 def find_weight(args) -> tuple[str, dict | None]:
     """The weight file for --weight, and its sidecar. Sizes not given on the command line come from the sidecar."""
     if args.hidden_size is not None:
         path = weight_path(args.save_dir, args.weight, args.hidden_size, bool(args.use_moe))
-        return path, _read_sidecar(path)
+        return path, read_sidecar(path)
     found = sorted(p for p in glob.glob(os.path.join(args.save_dir, f"{args.weight}_*.pth"))
                    if Path(p).stem[len(args.weight) + 1:].split("_")[0].isdigit())
     if args.use_moe is not None:
@@ -108,22 +100,7 @@ def find_weight(args) -> tuple[str, dict | None]:
     if len(found) > 1:
         raise UserError(f"several weights match --weight {args.weight}: {', '.join(found)}; "
                         "pick one with --hidden_size (and --use_moe)")
-    return found[0], _read_sidecar(found[0])
-
-
-def _load_weights(model, path: str, config) -> None:
-    """load_weights, with a damaged file (empty, truncated, not a torch file) reported as one line."""
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise UserError(f"weight file {path} is empty (0 bytes), probably an interrupted copy or save; "
-                        "copy it again or re-run the stage that writes it")
-    try:
-        load_weights(model, path, config)
-    except UserError:
-        raise
-    except Exception as e:  # torch.load on a damaged file raises almost anything (RuntimeError, KeyError, EOFError)
-        detail = (str(e).splitlines() or [""])[0][:200]
-        raise UserError(f"cannot read weight file {path} ({type(e).__name__}: {detail}): it is truncated or not a "
-                        "torch .pth file; copy it again or re-run the stage that writes it") from None
+    return found[0], read_sidecar(found[0])
 
 
 def build_native_model(args):
@@ -146,7 +123,7 @@ def build_native_model(args):
                                       "norm_topk_prob") if k in file_cfg}
     config = MiniMindConfig(**cfg, **extra, inference_rope_scaling=args.inference_rope_scaling)
     model = MiniMindForCausalLM(config)
-    _load_weights(model, path, config)
+    load_weights(model, path, config)
     if args.lora_weight:
         from model.model_lora import apply_lora_from_file, merge_lora
         apply_lora_from_file(model, weight_path(os.path.join(args.save_dir, "lora"), args.lora_weight,

@@ -192,8 +192,8 @@ def load_weights(model: torch.nn.Module, path: str, config: MiniMindConfig) -> N
     """Strict load of a .pth state_dict; a mismatch stops with a message naming the flag that fixes it."""
     if not os.path.exists(path):
         raise UserError(_missing_weight_message(path))
-    sd = load_torch_file(path, "weight file", "re-run the stage that writes it, or point --from_weight/--save_dir "
-                                              "at a good copy")
+    sd = load_torch_file(path, "weight file", "copy it again or re-run the stage that writes it (or point "
+                                              "--weight/--from_weight and --save_dir at a good copy)")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"weight file {path} is a torch file but not a state_dict of tensors (a resume file or "
                         "another object?); pass a weights file such as out/full_sft_512.pth")

@@ -115,9 +115,11 @@ def init_run(args) -> RunContext:
     return RunContext(device=device, rank=rank, local_rank=local_rank, world_size=world, dtype=dtype)
 
 
-def run_main(main) -> None:
+def run_main(main, interrupted: str = "interrupted: stopped at once; nothing was saved after the last checkpoint"
+             ) -> None:
     """Run a script's main(); user mistakes, a diverged run and a requested stop each end with one readable line
-    and their exit code (see spine/guards.py) instead of a traceback."""
+    and their exit code (see spine/guards.py) instead of a traceback. `interrupted` is the line a Ctrl-C that
+    reaches main() prints (training scripts handle the first Ctrl-C themselves; this is the second)."""
     from dataset.lm_dataset import DataFormatError
     rank = int(os.environ.get("RANK", 0))
     prefix = f"[rank {rank}] " if "RANK" in os.environ else ""
@@ -136,8 +138,7 @@ def run_main(main) -> None:
         print(f"\n{prefix}error: {unwrap_worker_message(e)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER)
     except KeyboardInterrupt:
-        print(f"\n{prefix}interrupted: stopped at once; nothing was saved after the last checkpoint",
-              file=sys.stderr, flush=True)
+        print(f"\n{prefix}{interrupted}", file=sys.stderr, flush=True)
         sys.exit(EXIT_SIGNAL[signal.SIGINT])
 
 
