@@ -202,6 +202,10 @@ EVAL_CASES = [
     ("tokenizer_missing", ["--tokenizer_path", "{out}/no_tokenizer"], None, 1,
      r"tokenizer directory .*no_tokenizer not found; pass --tokenizer_path DIR"),
     ("mode_unknown", ["--mode", "batch"], None, 2, r"--mode: invalid choice: 'batch'"),
+    ("tokenizer_mismatch", [], lambda o: (o / "full_sft_64.json").write_text(json.dumps(
+        {**json.loads((o / "full_sft_64.json").read_text()), "tokenizer_hash": "0123456789abcdef",
+         "tokenizer_path": "/data/minimind/model"})), 1,
+     r"trained with another tokenizer \(/data/minimind/model.*pass --tokenizer_path /data/minimind/model"),
     pytest.param("device_cuda_missing", ["--device", "cuda"], None, 1, r"CUDA is not available; pass --device cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ]

@@ -31,8 +31,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.trainer_utils import (ARCH_FLAGS, UserError, load_tokenizer, load_weights, read_sidecar, root_path,
-                                   weight_path)
+from trainer.trainer_utils import (ARCH_FLAGS, UserError, check_tokenizer, load_tokenizer, load_weights,
+                                   read_sidecar, root_path, weight_path)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model selection and loading
@@ -133,10 +133,12 @@ def build_native_model(args):
     tok_dir = args.tokenizer_path or (side or {}).get("tokenizer_path") or root_path("model")
     if not args.tokenizer_path and not os.path.isdir(tok_dir):
         tok_dir = root_path("model")
+    tokenizer = load_tokenizer(tok_dir)
+    check_tokenizer(path, tokenizer, tok_dir)  # weights remember the tokenizer they were trained with
     print(f"loaded {path}" + (f" + LoRA {args.lora_weight}" if args.lora_weight else ""))
     args.model_file = path
     args.model_name = Path(path).stem + (f"+{args.lora_weight}" if args.lora_weight else "")
-    return model, load_tokenizer(tok_dir)
+    return model, tokenizer
 
 
 def build_hf_model(args):
