@@ -230,23 +230,23 @@ def test_bad_data_is_reported_with_file_and_line(tmp_path, tokenizer):
 
 
 @pytest.mark.slow
-def test_lm_eval_on_a_llama_folder_agrees(tmp_path, tokenizer):
-    """`lm_eval --model hf` on a Llama-format folder with the task files eval_bench writes gives the same letter
-    log-probs, predictions and accuracy as eval_bench on that folder (1-shot, raw prompts)."""
+def test_lm_eval_on_a_converted_llama_folder_agrees(tmp_path, tokenizer):
+    """`lm_eval --model hf` on a folder written by scripts/convert_model.py (--format llama) with the task files
+    eval_bench writes gives the same letter log-probs, predictions and accuracy as eval_bench on that folder (1-shot,
+    raw prompts)."""
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        pytest.skip("lm_eval is not installed (pip install 'lm_eval[hf]==0.4.13'); it is optional, not in "
+        pytest.skip("lm_eval is not installed (pip install -r requirements-dev.txt); it is optional, not in "
                     "requirements.txt")
-    from transformers import LlamaConfig, LlamaForCausalLM
-    folder = tmp_path / "llama"
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    spec = importlib.util.spec_from_file_location("convert_model", ROOT / "scripts" / "convert_model.py")
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-                     ).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    native = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2, headwise_attn_output_gate=False,
+                                                initializer_range=0.2))
+    folder = convert.export_model(native, tokenizer, tmp_path / "llama", fmt="llama", dtype=torch.float32)
     ours = eb.main(["--load_from", str(folder), "--data_dir", str(SAMPLE / "ceval"), "--shots", "1", "--template",
                     "raw", "--device", "cpu"])
     eb.main(["--data_dir", str(SAMPLE / "ceval"), "--lm_eval_tasks", str(tmp_path / "tasks")])
