@@ -92,6 +92,27 @@ class MiniMindConfig(PretrainedConfig):
 # Building blocks
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """weight * rms_norm(x) that keeps only x and the per-row 1/rms for backward (autograd would also keep the
+    normalised x for the weight gradient: one more [tokens, hidden] tensor per norm, two per layer)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        n = x.float() * rstd
+        dw = (dy.float() * n.to(x.dtype).float()).reshape(-1, n.shape[-1]).sum(dim=0)
+        dn = dy.float() * weight.float()
+        dx = rstd * (dn - n * (dn * n).mean(dim=-1, keepdim=True))
+        return dx.to(x.dtype), dw.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -100,8 +121,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalise in fp32 (bf16 mean of squares loses too much), return the input dtype like MiniMind
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.weight * normed
+        if torch.is_grad_enabled():
+            return RMSNormFunction.apply(x, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(config, device=None):
@@ -145,18 +167,19 @@ def attend(q, k, v, mask, dropout_p=0.0):
     mask: "causal" (fresh rows, no padding), "full" (every key visible) or bool [B|1, 1, Tq, Tk], True = attend.
     """
     n_rep = q.shape[1] // k.shape[1]
+    B, H, Tq, d = q.shape
+    if Tq == 1 and n_rep > 1:
+        # decode step: the n_rep query heads of a KV head become n_rep queries of that head, so a padding mask
+        # [B, 1, 1, Tk] broadcasts and no backend repeats the cache (every step, on every device); also 4-9x faster
+        # than enable_gqa for one bf16 query on CPU (measured)
+        out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], n_rep, d), k, v,
+                                             attn_mask=None if isinstance(mask, str) else mask, dropout_p=dropout_p)
+        return out.reshape(B, H, 1, d)
     if isinstance(mask, str):
         return F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal", dropout_p=dropout_p,
                                               enable_gqa=n_rep > 1)
     if n_rep == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    B, H, Tq, d = q.shape
-    if Tq == 1:
-        # decode step with a padding mask: the n_rep query heads of a KV head become n_rep queries of that head, so
-        # the mask [B, 1, 1, Tk] broadcasts and no backend has to repeat the cache (every step, on every device)
-        out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], n_rep, d), k, v, attn_mask=mask,
-                                             dropout_p=dropout_p)
-        return out.reshape(B, H, 1, d)
     if q.device.type == "cpu":
         # the CPU flash kernel takes an explicit mask together with enable_gqa
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True)
@@ -303,18 +326,20 @@ def _wgrad(dy, x, offs, grouped, n):
 
 
 class SwiGLUFunction(torch.autograd.Function):
-    """down(silu(x Wg^T) * (x Wu^T)) for one FFN or for E experts over contiguous row groups (offs = group ends).
+    """scale * down(silu(x Wg^T) * (x Wu^T)) for one FFN or for E experts over contiguous row groups (offs = group
+    ends); scale is an optional per-row factor (the MoE routing weights) or None.
 
     Memory: saves x, g = x Wg^T and u = x Wu^T; backward recomputes silu(g) and the product. Autograd would also keep
-    silu(g) and the product: two more [rows, intermediate] tensors per FFN, the largest activations of the model.
-    Under autocast the weights are cast to the compute dtype here and again in backward instead of being kept: the
-    bf16 copies of all expert weights would otherwise stay alive from forward to backward.
+    silu(g) and the product (two more [rows, intermediate] tensors per FFN, the largest activations of the model)
+    and, for the routing weights, the unscaled expert output. Under autocast the weights are cast to the compute
+    dtype here and again in backward instead of being kept: the bf16 copies of all expert weights would otherwise
+    stay alive from forward to backward.
     Expert groups run either as torch's grouped GEMM (no host sync) or as a loop over row slices whose bounds are
     read once on the host (free on CPU); both give the same numbers as per-expert nn.Linear calls.
     """
 
     @staticmethod
-    def forward(ctx, x, offs, dtype, grouped, *weights):
+    def forward(ctx, x, scale, offs, dtype, grouped, *weights):
         n = len(weights) // 3
         ws = [_stack(weights[i * n:(i + 1) * n], dtype) if grouped else
               [w.to(dtype) for w in weights[i * n:(i + 1) * n]] for i in range(3)]
@@ -322,28 +347,39 @@ class SwiGLUFunction(torch.autograd.Function):
         g = _mm_wt(xc, ws[0], offs, grouped)
         u = _mm_wt(xc, ws[1], offs, grouped)
         y = _mm_wt(F.silu(g) * u, ws[2], offs, grouped)
-        ctx.save_for_backward(xc, g, u, offs, *weights)
+        if scale is not None:
+            y = y * scale.to(dtype)[:, None]
+        ctx.save_for_backward(xc, g, u, scale, offs, *weights)
         ctx.n, ctx.dtype, ctx.grouped, ctx.x_dtype = n, dtype, grouped, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xc, g, u, offs, *weights = ctx.saved_tensors
+        xc, g, u, scale, offs, *weights = ctx.saved_tensors
         n, dtype, grouped = ctx.n, ctx.dtype, ctx.grouped
         wg, wu, wd = [_stack(weights[i * n:(i + 1) * n], dtype) if grouped else
                       [w.to(dtype) for w in weights[i * n:(i + 1) * n]] for i in range(3)]
         dy = dy.to(dtype)
         s = F.silu(g)
-        d_wd = _wgrad(dy, s * u, offs, grouped, n)
-        dh = _mm_w(dy, wd, offs, grouped)
+        h = s * u
+        sc = scale.to(dtype)[:, None] if scale is not None else None
+        d_wd = _wgrad(dy * sc if sc is not None else dy, h, offs, grouped, n)
+        dh = _mm_w(dy, wd, offs, grouped)  # gradient of the unscaled output's input h
+        d_scale = None
+        if sc is not None:
+            # d scale_r = <dy_r, down(h_r)> = <h_r, dy_r Wd>: no extra matmul
+            d_scale = (h * dh).sum(dim=-1).to(scale.dtype)
+            dh.mul_(sc)
+        del h
         du = dh * s
-        dg = torch.ops.aten.silu_backward(dh * u, g)  # the op autograd itself uses for silu
-        del s, dh
+        del s
+        dg = torch.ops.aten.silu_backward(dh.mul_(u), g)  # the op autograd itself uses for silu
+        del dh
         dx = _mm_w(dg, wg, offs, grouped) + _mm_w(du, wu, offs, grouped)
         d_wg = _wgrad(dg, xc, offs, grouped, n)
         d_wu = _wgrad(du, xc, offs, grouped, n)
         grads = [d.to(w.dtype) for d, w in zip(d_wg + d_wu + d_wd, weights)]
-        return (dx.to(ctx.x_dtype), None, None, None, *grads)
+        return (dx.to(ctx.x_dtype), d_scale, None, None, None, *grads)
 
 
 def fusable(ffns):
@@ -353,14 +389,15 @@ def fusable(ffns):
                for f in ffns for m in (f.gate_proj, f.up_proj, f.down_proj))
 
 
-def swiglu_train(ffns, x, counts=None):
-    """Training-time SwiGLU of one FFN (counts None) or of len(ffns) experts over x's rows grouped by expert."""
+def swiglu_train(ffns, x, counts=None, scale=None):
+    """Training-time SwiGLU of one FFN (counts None) or of len(ffns) experts over x's rows grouped by expert, each
+    output row times scale (optional)."""
     dtype = compute_dtype(x)
     grouped = counts is not None and grouped_mm_ok(x, dtype)
     offs = counts.cumsum(0).to(torch.int32) if counts is not None else None
     weights = [f.gate_proj.weight for f in ffns] + [f.up_proj.weight for f in ffns] + \
               [f.down_proj.weight for f in ffns]
-    return SwiGLUFunction.apply(x, offs, dtype, grouped, *weights)
+    return SwiGLUFunction.apply(x, scale, offs, dtype, grouped, *weights)
 
 
 class FeedForward(nn.Module):
@@ -456,16 +493,18 @@ class MoEFeedForward(nn.Module):
         counts = torch.zeros(self.gate.n_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, slot_expert, torch.ones_like(slot_expert))
         routed_in = flat[order // k]
-        if torch.is_grad_enabled() and fusable(self.experts):
-            routed_out = swiglu_train(self.experts, routed_in, counts)
-        else:
-            routed_out = torch.cat([expert(chunk) for expert, chunk in
-                                    zip(self.experts, routed_in.split(counts.tolist()))], dim=0)
         # back to (token, slot) order with a gather through the inverse permutation (deterministic, unlike
         # index_add on CUDA)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        routed_out = routed_out[inverse].view(-1, k, H)
-        y = (routed_out * topw.to(routed_out.dtype).unsqueeze(-1)).sum(dim=1).view(B, T, H)
+        if torch.is_grad_enabled() and fusable(self.experts):
+            # routing weights applied inside the function, which then needs no copy of the unweighted outputs
+            routed_out = swiglu_train(self.experts, routed_in, counts, scale=topw.reshape(-1)[order])
+            y = routed_out[inverse].view(-1, k, H).sum(dim=1).view(B, T, H)
+        else:
+            routed_out = torch.cat([expert(chunk) for expert, chunk in
+                                    zip(self.experts, routed_in.split(counts.tolist()))], dim=0)
+            routed_out = routed_out[inverse].view(-1, k, H)
+            y = (routed_out * topw.to(routed_out.dtype).unsqueeze(-1)).sum(dim=1).view(B, T, H)
         for shared in self.shared_experts:
             y = y + shared(x)
         if self.training and self.config.aux_loss_alpha > 0:
@@ -783,6 +822,15 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------------------------------ fast generation
 
+    def generate(self, *args, compile_decode=False, **kwargs):
+        """transformers' generate(); compile_decode=True also runs the decode step of MiniMind's own loop (see
+        _sample) through torch.compile (compiled once per model, reused by later calls)."""
+        self._compile_decode = compile_decode
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._compile_decode = False
+
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                 streamer=None, **model_kwargs):
         """transformers' generate() prepares everything (config, logits processors, stopping criteria, expansion
@@ -792,7 +840,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         anything else (return_dict_in_generate, a cache passed in or cache_implementation="static", inputs_embeds,
         synced_gpus, assisted decoding, extra model inputs) goes to GenerationMixin._sample.
         """
-        compile_step = bool(model_kwargs.pop("compile_decode", False))
+        compile_step = getattr(self, "_compile_decode", False)
         cache = model_kwargs.get("past_key_values")
         fast = (
             not generation_config.return_dict_in_generate

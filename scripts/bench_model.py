@@ -68,6 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda if available)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per workload (median, min-max reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall: elapsed time; cpu: CPU seconds of this process (all threads), robust to other load "
+                        "on a shared machine (use with --threads 1, where no thread spins waiting for another)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--compile_decode", type=int, default=0, choices=[0, 1],
                    help="ours: generate(compile_decode=True), torch.compile of the decode step")
     return p.parse_args(argv)
@@ -254,16 +258,17 @@ def check_same_function(ours, peer, device):
     return diff
 
 
-def timed(fn, device):
+def timed(fn, device, clock):
     import torch
 
+    now = time.process_time if clock == "cpu" else time.perf_counter
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0 = now()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+    return now() - t0
 
 
 def run_config(spec, args, device, mode_dtype, peer_dtype, peer_module, workloads):
@@ -278,7 +283,7 @@ def run_config(spec, args, device, mode_dtype, peer_dtype, peer_module, workload
         times = {r.label: [] for r in rows}
         for i in range(args.warmup + args.repeats):
             for r in rows:
-                elapsed = timed(getattr(r, w), device)
+                elapsed = timed(getattr(r, w), device, args.clock)
                 if i >= args.warmup:
                     times[r.label].append(elapsed)
         for r in rows:
@@ -316,13 +321,17 @@ def ratio(ours, peer, workload):
     return f"{(b / a if workload == 'prefill' else a / b):.2f}x"
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     import torch
 
     from trainer.trainer_utils import resolve_dtype
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.clock == "cpu" and device.type == "cuda":
+        raise SystemExit("--clock cpu measures host CPU time; use --clock wall with --device cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     bad = set(workloads) - set(WORKLOADS)
     if bad:
@@ -333,7 +342,7 @@ def main():
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, train/prefill batch "
           f"{args.batch_size} x {args.seq_len}, decode b1 {args.decode_prompt}+{args.decode_tokens}, rollout b8 "
           f"16..64+{args.decode_tokens}, median (min-max) of {args.repeats}, warmup {args.warmup}"
-          + (", compiled decode" if args.compile_decode else ""))
+          + f", {args.clock} clock" + (", compiled decode" if args.compile_decode else ""))
     for spec in [s.strip() for s in args.configs.split(",") if s.strip()]:
         results, params = run_config(spec, args, device, mode_dtype, peer_dtype, peer_module, workloads)
         labels = list(results)
