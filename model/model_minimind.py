@@ -221,9 +221,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-            if kv_len is not None and k.shape[2] > kv_len and not (torch.is_tensor(mask) and mask.shape[-1] == k.shape[2]):
-                # transformers' StaticCache returns its whole preallocated buffer: keep the filled prefix, unless
-                # generate passed a 4-D mask over the whole buffer (its static-cache decode steps)
+            # transformers' StaticCache returns its whole preallocated buffer: keep the filled prefix, unless
+            # generate passed a 4-D mask over the whole buffer (its static-cache decode steps)
+            whole_buffer_mask = torch.is_tensor(mask) and mask.shape[-1] == k.shape[2]
+            if kv_len is not None and k.shape[2] > kv_len and not whole_buffer_mask:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
 
         dropout_p = self.dropout if self.training else 0.0
@@ -277,11 +278,8 @@ def _register_seg_ops():
     """The two loops above as opaque custom ops, so torch.compile(fullgraph=True) traces the MoE without a graph
     break (their output shapes do not depend on the data). Skipped when another copy of this file (a transformers
     folder's remote code) registered them already."""
-    try:
-        torch.ops.minimind.seg_mm
+    if hasattr(torch.ops.minimind, "seg_mm"):
         return
-    except (AttributeError, RuntimeError):
-        pass
     torch.library.custom_op("minimind::seg_mm", _seg_mm, mutates_args=(),
                             schema="(Tensor x, Tensor[] weights, Tensor offs, bool transpose) -> Tensor")
     torch.library.register_fake("minimind::seg_mm", lambda x, weights, offs, transpose: x.new_empty(
@@ -740,11 +738,12 @@ class MiniMindModel(MiniMindPreTrainedModel):
 
 
 class KVBuffer:
-    """Preallocated K/V of every layer for MiniMind's own decode loop: [layers, B, n_kv, max_len, head_dim].
+    """K/V of every layer for MiniMind's own decode loop: [layers, B, n_kv, capacity, head_dim], filled left to right.
 
-    Filled left to right from `pos`; update() writes the new positions in place and returns views of the filled
-    prefix, so a decode step neither concatenates nor copies the cache. Allocated at the first update, in the dtype
-    the keys arrive in (bf16 under autocast).
+    update() writes the new positions in place and returns views of the filled prefix, so a decode step neither
+    concatenates nor copies the cache. Allocated at the first update in the dtype the keys arrive in (bf16 under
+    autocast), for min(max_len, first length + 256) positions, and doubled when full (an eos long before a large
+    max_new_tokens must not cost the whole preallocation).
     """
 
     def __init__(self, n_layers, max_len):
@@ -752,11 +751,16 @@ class KVBuffer:
         self.k = self.v = None
 
     def update(self, k, v, layer_idx):
-        if self.k is None:
-            B, n_kv, _, d = k.shape
-            self.k = k.new_empty(self.n_layers, B, n_kv, self.max_len, d)
-            self.v = v.new_empty(self.n_layers, B, n_kv, self.max_len, d)
         end = self.pos + k.shape[2]
+        if self.k is None or end > self.k.shape[3]:
+            B, n_kv, _, d = k.shape
+            size = min(self.max_len, max(end + 256, 2 * (0 if self.k is None else self.k.shape[3])))
+            grown_k = k.new_empty(self.n_layers, B, n_kv, size, d)
+            grown_v = v.new_empty(self.n_layers, B, n_kv, size, d)
+            if self.k is not None:
+                grown_k[..., :self.pos, :] = self.k[..., :self.pos, :]
+                grown_v[..., :self.pos, :] = self.v[..., :self.pos, :]
+            self.k, self.v = grown_k, grown_v
         self.k[layer_idx, :, :, self.pos:end] = k
         self.v[layer_idx, :, :, self.pos:end] = v
         return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]

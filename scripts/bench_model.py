@@ -55,8 +55,8 @@ WORKLOADS = ["train", "prefill", "decode", "rollout", "memory"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="this repo vs a MiniMind checkout, speed and memory / 速度与显存对比")
-    p.add_argument("--peer", default=None, help="MiniMind-layout checkout to compare with (its model/model_minimind.py)")
+    p = argparse.ArgumentParser(description="this repo vs a MiniMind checkout / 速度与显存对比")
+    p.add_argument("--peer", default=None, help="MiniMind-layout checkout to compare with (model/model_minimind.py)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma separated {hidden}x{layers}[_moe][_gate]")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="subset of " + ",".join(WORKLOADS))
     p.add_argument("--batch_size", type=int, default=4, help="training / prefill rows")
@@ -72,6 +72,8 @@ def parse_args(argv=None):
                    help="wall: elapsed time; cpu: CPU seconds of this process (all threads), robust to other load "
                         "on a shared machine (use with --threads 1, where no thread spins waiting for another)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--grad_checkpointing", type=int, default=0, choices=[0, 1],
+                   help="ours: model.gradient_checkpointing_enable() (recompute each decoder layer in backward)")
     p.add_argument("--compile_decode", type=int, default=0, choices=[0, 1],
                    help="ours: generate(compile_decode=True), torch.compile of the decode step")
     return p.parse_args(argv)
@@ -224,6 +226,8 @@ def build_rows(spec, args, device, mode_dtype, peer_dtype, peer_module):
     fields = parse_config(spec)
     torch.manual_seed(0)
     ours = MiniMindForCausalLM(MiniMindConfig(**fields)).to(device)
+    if args.grad_checkpointing:
+        ours.gradient_checkpointing_enable()
     # lr 0: the same work every repeat (MoE routing included) for every row; AdamW still does all of its arithmetic
     opt = torch.optim.AdamW(ours.parameters(), lr=0.0)
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -342,7 +346,8 @@ def main(argv=None):
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, train/prefill batch "
           f"{args.batch_size} x {args.seq_len}, decode b1 {args.decode_prompt}+{args.decode_tokens}, rollout b8 "
           f"16..64+{args.decode_tokens}, median (min-max) of {args.repeats}, warmup {args.warmup}"
-          + f", {args.clock} clock" + (", compiled decode" if args.compile_decode else ""))
+          + f", {args.clock} clock" + (", compiled decode" if args.compile_decode else "")
+          + (", ours with gradient checkpointing" if args.grad_checkpointing else ""))
     for spec in [s.strip() for s in args.configs.split(",") if s.strip()]:
         results, params = run_config(spec, args, device, mode_dtype, peer_dtype, peer_module, workloads)
         labels = list(results)

@@ -75,6 +75,14 @@ def test_greedy_equals_transformers_loop_batch1_and_left_padded(kw, monkeypatch)
     assert torch.equal(model.generate(ids, attention_mask=mask, cache_implementation="static", **gen), batch)
 
 
+def test_long_generation_grows_the_kv_buffer():
+    # the buffer starts at prompt + 256 positions and doubles: 300 new tokens cross that boundary
+    model = tiny_model()
+    ids, _ = left_padded()
+    gen = dict(max_new_tokens=300, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(model.generate(ids[:1], **gen), hf_generate(model, ids[:1], **gen))
+
+
 def test_greedy_equals_transformers_loop_under_bf16_autocast():
     model = tiny_model(use_moe=True, headwise_attn_output_gate=True)
     ids, mask = left_padded()
