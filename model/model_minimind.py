@@ -160,6 +160,12 @@ def apply_rope(x, cos, sin):
     return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
+def compute_dtype(x):
+    """The dtype matmuls run in: the autocast dtype when autocast is on for x's device, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def attend(q, k, v, mask, dropout_p=0.0):
     """SDPA over grouped KV heads without copying them.
 
@@ -208,6 +214,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, past_key_values=None, kv_len=None):
         B, T, _ = x.shape
+        # cast once under autocast: q/k/v would each cast (and, training, each keep) their own bf16 copy of x
+        x = x.to(compute_dtype(x))
         q = self.q_proj(x)
         gate = None
         if self.gated:
@@ -238,12 +246,6 @@ class Attention(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ SwiGLU experts
-
-
-def compute_dtype(x):
-    """The dtype matmuls run in: the autocast dtype when autocast is on for x's device, else x's own."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def grouped_mm_ok(x, dtype):

@@ -21,8 +21,9 @@ autocast; the same dtype as ours on CUDA, as its trainers do). Every timed run a
 
 Workloads:
   train      forward + cross-entropy (+ MoE aux) + backward + AdamW step on batch x seq_len random tokens, tok/s.
-             Ours: forward(labels=...) as the trainers call it; the peer: its logits + masked-mean CE as its
-             trainers compute it. AdamW lr is 0 so the weights (and MoE routing) stay the same across repeats.
+             Ours: forward(labels=...) and the AdamW of trainer_utils.build_optimizer, as the trainers do; the peer:
+             its logits + masked-mean CE and torch.optim.AdamW, as its trainers do. lr is 0 so the weights (and the
+             MoE routing) stay the same across repeats.
   prefill    one no-grad forward over batch x seq_len with use_cache=True, ms.
   decode     model.generate(ids, max_new_tokens=--decode_tokens, do_sample=False) at batch 1 after a
              --decode_prompt-token prompt (min_new_tokens too, so an early eos never shortens a run): new tokens
@@ -222,14 +223,16 @@ def build_rows(spec, args, device, mode_dtype, peer_dtype, peer_module):
     import torch
 
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    from trainer.trainer_utils import build_optimizer
 
     fields = parse_config(spec)
     torch.manual_seed(0)
     ours = MiniMindForCausalLM(MiniMindConfig(**fields)).to(device)
     if args.grad_checkpointing:
         ours.gradient_checkpointing_enable()
-    # lr 0: the same work every repeat (MoE routing included) for every row; AdamW still does all of its arithmetic
-    opt = torch.optim.AdamW(ours.parameters(), lr=0.0)
+    # the trainers' optimizer (trainer_utils.build_optimizer) for ours, MiniMind's plain AdamW for the peer; lr 0:
+    # the same work every repeat (MoE routing included) for every row, AdamW still does all of its arithmetic
+    opt = build_optimizer(ours, lr=0.0, device=device)
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     rows = [Row(f"ours {names[mode_dtype]}", ours, opt, mode_dtype, device, args, True)]
     if mode_dtype != torch.float32:
