@@ -860,6 +860,14 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
                                       "logits_to_keep", "output_attentions", "output_hidden_states"}
             and not model_kwargs.get("output_attentions") and not model_kwargs.get("output_hidden_states")
         )
+        given = model_kwargs.get("position_ids")
+        if fast and given is not None:
+            # transformers derives these from the mask exactly as this loop does; other (user) positions fall back
+            mask = model_kwargs.get("attention_mask")
+            P = input_ids.shape[1]
+            expected = (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None else \
+                torch.arange(P, device=input_ids.device)[None]
+            fast = given.shape[-1] == P and bool((given == expected).all())
         if not fast:
             return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
                                    synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)

@@ -202,4 +202,8 @@ def test_unsupported_options_fall_back_to_transformers(monkeypatch):
     gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
     out = model.generate(ids[:1], num_beams=2, **gen)
     res = model.generate(ids[:1], output_scores=True, return_dict_in_generate=True, **gen)
+    shifted = model.generate(ids[:1], position_ids=torch.arange(5, 5 + ids.shape[1])[None], **gen)
     assert calls == [] and out.shape[1] == ids.shape[1] + 4 and len(res.scores) == 4
+    assert shifted.shape[1] == ids.shape[1] + 4
+    model.generate(ids[:1], position_ids=torch.arange(ids.shape[1])[None], **gen)  # the usual positions: fast
+    assert calls == [1]
