@@ -6,6 +6,15 @@ so MiniMind `.pth` weights load with strict=True. Used by every trainer script:
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
     model = MiniMindForCausalLM(MiniMindConfig(hidden_size=512, num_hidden_layers=8, use_moe=False))
 
+Speed and memory (docs/notes_model.md has the measurements):
+- training: MoE experts run as one autograd function over tokens sorted by expert (grouped GEMM on CUDA bf16, no
+  host sync; torch.compile traces it without graph breaks), SwiGLU and RMSNorm keep half of their activations and
+  recompute the rest, forward(labels=...) in train mode computes the loss chunk by chunk without [B, T, vocab]
+  logits, packed rows (position_ids restarting at 0) attend within their segment, model.gradient_checkpointing_enable()
+  recomputes each decoder layer;
+- generation: model.generate() runs MiniMind's own decode loop over a preallocated KV buffer (transformers' own loop
+  for anything it does not cover), and grouped KV heads are never repeated.
+
 Quick self-check (prints parameter counts of the named sizes):
 
     python model/model_minimind.py
