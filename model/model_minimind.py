@@ -116,10 +116,12 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         n = x.float() * rstd
-        dw = (dy.float() * n.to(x.dtype).float()).reshape(-1, n.shape[-1]).sum(dim=0)
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy.float() * n.to(x.dtype).float()).reshape(-1, n.shape[-1]).sum(dim=0).to(weight.dtype)
         dn = dy.float() * weight.float()
         dx = rstd * (dn - n * (dn * n).mean(dim=-1, keepdim=True))
-        return dx.to(x.dtype), dw.to(weight.dtype), None
+        return dx.to(x.dtype), dw, None
 
 
 class RMSNorm(nn.Module):
@@ -368,27 +370,30 @@ class SwiGLUFunction(torch.autograd.Function):
         n, dtype, grouped = ctx.n, ctx.dtype, ctx.grouped
         wg, wu, wd = [_stack(weights[i * n:(i + 1) * n], dtype) if grouped else
                       [w.to(dtype) for w in weights[i * n:(i + 1) * n]] for i in range(3)]
+        need_x, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_w = any(ctx.needs_input_grad[5:])  # False for frozen FFNs (LoRA on attention only)
         dy = dy.to(dtype)
         s = F.silu(g)
         h = s * u
         sc = scale.to(dtype)[:, None] if scale is not None else None
-        d_wd = _wgrad(dy * sc if sc is not None else dy, h, offs, grouped, n)
+        d_wd = _wgrad(dy * sc if sc is not None else dy, h, offs, grouped, n) if need_w else [None] * n
         dh = _mm_w(dy, wd, offs, grouped)  # gradient of the unscaled output's input h
         d_scale = None
         if sc is not None:
-            # d scale_r = <dy_r, down(h_r)> = <h_r, dy_r Wd>: no extra matmul
-            d_scale = (h * dh).sum(dim=-1).to(scale.dtype)
+            if need_scale:
+                # d scale_r = <dy_r, down(h_r)> = <h_r, dy_r Wd>: no extra matmul
+                d_scale = (h * dh).sum(dim=-1).to(scale.dtype)
             dh.mul_(sc)
         del h
         du = dh * s
         del s
         dg = torch.ops.aten.silu_backward(dh.mul_(u), g)  # the op autograd itself uses for silu
         del dh
-        dx = _mm_w(dg, wg, offs, grouped) + _mm_w(du, wu, offs, grouped)
-        d_wg = _wgrad(dg, xc, offs, grouped, n)
-        d_wu = _wgrad(du, xc, offs, grouped, n)
-        grads = [d.to(w.dtype) for d, w in zip(d_wg + d_wu + d_wd, weights)]
-        return (dx.to(ctx.x_dtype), d_scale, None, None, None, *grads)
+        dx = (_mm_w(dg, wg, offs, grouped) + _mm_w(du, wu, offs, grouped)).to(ctx.x_dtype) if need_x else None
+        d_wg = _wgrad(dg, xc, offs, grouped, n) if need_w else [None] * n
+        d_wu = _wgrad(du, xc, offs, grouped, n) if need_w else [None] * n
+        grads = [None if d is None else d.to(w.dtype) for d, w in zip(d_wg + d_wu + d_wd, weights)]
+        return (dx, d_scale, None, None, None, *grads)
 
 
 def fusable(ffns):
@@ -580,9 +585,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         hc, weight, safe, valid, lse = ctx.saved_tensors
+        need_w = ctx.needs_input_grad[1]  # False when the embedding is frozen (LoRA)
         w = weight.to(ctx.dtype)
         dh = torch.empty_like(hc)
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         scale = valid.to(torch.float32) * grad
         for s in range(0, hc.shape[0], ctx.chunk):
             e = min(s + ctx.chunk, hc.shape[0])
@@ -590,8 +596,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             p[torch.arange(e - s, device=p.device), safe[s:e]] -= 1.0
             p = p.mul_(scale[s:e, None]).to(ctx.dtype)
             dh[s:e] = p @ w
-            dw += (p.t() @ hc[s:e]).float()
-        return dh.to(ctx.h_dtype), dw.to(weight.dtype), None, None, None
+            if need_w:
+                dw += (p.t() @ hc[s:e]).float()
+        return dh.to(ctx.h_dtype), None if dw is None else dw.to(weight.dtype), None, None, None
 
 
 def fused_lm_loss(h, weight, labels, chunk_elems=1 << 22):

@@ -151,6 +151,31 @@ def test_fused_cross_entropy_equals_logits_path():
     assert empty.item() == 0.0 and empty.requires_grad
 
 
+def test_frozen_weights_get_no_gradient_and_the_rest_is_unchanged(monkeypatch):
+    # LoRA-style: only attention trains; the memory-light functions skip weight gradients nobody needs
+    model = tiny_model(use_moe=True).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_("self_attn" in name)
+    ids = random_ids(2, 9)
+    new = loss_and_grads_of_trainable(model, ids)
+    monkeypatch.setattr(mm.MoEFeedForward, "forward", moe_reference)
+    monkeypatch.setattr(mm.RMSNorm, "forward",
+                        lambda self, x: self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps))
+    model.eval()  # logits path: plain cross-entropy on full logits (same function, dropout 0)
+    out = model(ids)
+    ref_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    ref = torch.autograd.grad(ref_loss, [p for p in model.parameters() if p.requires_grad])
+    for a, b in zip(new, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def loss_and_grads_of_trainable(model, ids):
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
 def test_fused_cross_entropy_chunks_and_bf16():
     g = torch.Generator().manual_seed(0)
     h = torch.randn(4, 9, 32, generator=g, requires_grad=True)
