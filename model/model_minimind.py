@@ -6,6 +6,15 @@ so MiniMind `.pth` weights load with strict=True. Used by every trainer script:
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
     model = MiniMindForCausalLM(MiniMindConfig(hidden_size=512, num_hidden_layers=8, use_moe=False))
 
+Speed and memory (docs/notes_model.md has the measurements):
+- training: MoE experts run as one autograd function over tokens sorted by expert (grouped GEMM on CUDA bf16, no
+  host sync; torch.compile traces it without graph breaks), SwiGLU and RMSNorm keep half of their activations and
+  recompute the rest, forward(labels=...) in train mode computes the loss chunk by chunk without [B, T, vocab]
+  logits, packed rows (position_ids restarting at 0) attend within their segment, model.gradient_checkpointing_enable()
+  recomputes each decoder layer;
+- generation: model.generate() runs MiniMind's own decode loop over a preallocated KV buffer (transformers' own loop
+  for anything it does not cover), and grouped KV heads are never repeated.
+
 Quick self-check (prints parameter counts of the named sizes):
 
     python model/model_minimind.py
@@ -26,6 +35,7 @@ from transformers import (
 )
 from transformers import initialization as hf_init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
 
 
@@ -91,6 +101,29 @@ class MiniMindConfig(PretrainedConfig):
 # Building blocks
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """weight * rms_norm(x) that keeps only x and the per-row 1/rms for backward (autograd would also keep the
+    normalised x for the weight gradient: one more [tokens, hidden] tensor per norm, two per layer)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        n = x.float() * rstd
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy.float() * n.to(x.dtype).float()).reshape(-1, n.shape[-1]).sum(dim=0).to(weight.dtype)
+        dn = dy.float() * weight.float()
+        dx = rstd * (dn - n * (dn * n).mean(dim=-1, keepdim=True))
+        return dx.to(x.dtype), dw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -99,8 +132,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalise in fp32 (bf16 mean of squares loses too much), return the input dtype like MiniMind
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.weight * normed
+        if torch.is_grad_enabled():
+            return RMSNormFunction.apply(x, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(config, device=None):
@@ -137,6 +171,42 @@ def apply_rope(x, cos, sin):
     return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
+def compute_dtype(x):
+    """The dtype matmuls run in: the autocast dtype when autocast is on for x's device, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def attend(q, k, v, mask, dropout_p=0.0):
+    """SDPA over grouped KV heads without copying them.
+
+    q [B, H, Tq, d]; k, v [B, Hkv, Tk, d] (H = n_rep * Hkv, query head h reads KV head h // n_rep);
+    mask: "causal" (fresh rows, no padding), "full" (every key visible) or bool [B|1, 1, Tq, Tk], True = attend.
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    B, H, Tq, d = q.shape
+    if Tq == 1 and n_rep > 1:
+        # decode step: the n_rep query heads of a KV head become n_rep queries of that head, so a padding mask
+        # [B, 1, 1, Tk] broadcasts and no backend repeats the cache (every step, on every device); also 4-9x faster
+        # than enable_gqa for one bf16 query on CPU (measured)
+        out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], n_rep, d), k, v,
+                                             attn_mask=None if isinstance(mask, str) else mask, dropout_p=dropout_p)
+        return out.reshape(B, H, 1, d)
+    if isinstance(mask, str):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal", dropout_p=dropout_p,
+                                              enable_gqa=n_rep > 1)
+    if n_rep == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    if q.device.type == "cpu":
+        # the CPU flash kernel takes an explicit mask together with enable_gqa
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True)
+    # CUDA: the fused kernels that accept a mask do not implement enable_gqa (SDPA would drop to the math path, which
+    # materialises fp32 [B, H, Tq, Tk] scores), so expand KV heads for the memory-efficient kernel instead
+    k = k[:, :, None].expand(-1, -1, n_rep, -1, -1).reshape(B, H, k.shape[2], d)
+    v = v[:, :, None].expand(-1, -1, n_rep, -1, -1).reshape(B, H, v.shape[2], d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -153,8 +223,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, mask, past_key_values):
+    def forward(self, x, cos, sin, mask, past_key_values=None, kv_len=None):
         B, T, _ = x.shape
+        # cast once under autocast: q/k/v would each cast (and, training, each keep) their own bf16 copy of x
+        x = x.to(compute_dtype(x))
         q = self.q_proj(x)
         gate = None
         if self.gated:
@@ -168,26 +240,178 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
+            # transformers' StaticCache returns its whole preallocated buffer: keep the filled prefix, unless
+            # generate passed a 4-D mask over the whole buffer (its static-cache decode steps)
+            whole_buffer_mask = torch.is_tensor(mask) and mask.shape[-1] == k.shape[2]
+            if kv_len is not None and k.shape[2] > kv_len and not whole_buffer_mask:
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
 
         dropout_p = self.dropout if self.training else 0.0
-        if isinstance(mask, str):
-            # "causal": fresh sequence, no left padding; "full": one query over an unpadded cache
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=(mask == "causal"), dropout_p=dropout_p, enable_gqa=self.n_rep > 1
-            )
-        else:
-            # explicit masks: expand KV heads ourselves, fused GQA kernels on CUDA only take mask=None
-            if self.n_rep > 1:
-                k = k.repeat_interleave(self.n_rep, dim=1)
-                v = v.repeat_interleave(self.n_rep, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        out = out.transpose(1, 2)
+        out = attend(q, k, v, mask, dropout_p).transpose(1, 2)
         if gate is not None:
             out = out * torch.sigmoid(gate).to(out.dtype)
         out = self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
         if dropout_p > 0:
             out = F.dropout(out, dropout_p, True)
         return out
+
+
+# ------------------------------------------------------------------------------------------------ SwiGLU experts
+
+
+def grouped_mm_ok(x, dtype):
+    """torch's grouped GEMM (one kernel for all experts, no host sync) where torch.compile also accepts it: CUDA bf16
+    on sm80+. Elsewhere experts run as a loop over row slices whose bounds are read once on the host (free on CPU;
+    the CPU grouped GEMM is no faster and its compile-time shape check wants bf16)."""
+    return (x.device.type == "cuda" and dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
+            and torch.cuda.get_device_capability(x.device)[0] >= 8)
+
+
+def _stack(weights, dtype):
+    # [E, out, in] in the compute dtype, cast and stacked in one copy per expert
+    out = torch.empty((len(weights), *weights[0].shape), dtype=dtype, device=weights[0].device)
+    for e, w in enumerate(weights):
+        out[e].copy_(w)
+    return out
+
+
+def _seg_mm(x, weights, offs, transpose):
+    """x[rows of group e] @ (W_e^T if transpose else W_e), groups ending at offs (one host read of offs)."""
+    bounds = [0] + offs.tolist()
+    return torch.cat([x[a:b] @ (w.t() if transpose else w) for w, a, b in zip(weights, bounds[:-1], bounds[1:])])
+
+
+def _seg_wgrad(dy, x, offs):
+    """dy_e^T @ x_e per group -> one [out, in] weight gradient per group (zeros for an empty group)."""
+    bounds = [0] + offs.tolist()
+    return [dy[a:b].t() @ x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _register_seg_ops():
+    """The two loops above as opaque custom ops, so torch.compile(fullgraph=True) traces the MoE without a graph
+    break (their output shapes do not depend on the data). Skipped when another copy of this file (a transformers
+    folder's remote code) registered them already."""
+    if hasattr(torch.ops.minimind, "seg_mm"):
+        return
+    torch.library.custom_op("minimind::seg_mm", _seg_mm, mutates_args=(),
+                            schema="(Tensor x, Tensor[] weights, Tensor offs, bool transpose) -> Tensor")
+    torch.library.register_fake("minimind::seg_mm", lambda x, weights, offs, transpose: x.new_empty(
+        x.shape[0], weights[0].shape[0 if transpose else 1]))
+    torch.library.custom_op("minimind::seg_wgrad", _seg_wgrad, mutates_args=(),
+                            schema="(Tensor dy, Tensor x, Tensor offs) -> Tensor[]")
+    torch.library.register_fake("minimind::seg_wgrad", lambda dy, x, offs: [
+        dy.new_empty(dy.shape[1], x.shape[1]) for _ in range(offs.shape[0])])
+
+
+_register_seg_ops()
+
+
+def _mm_wt(x, weights, offs, grouped):
+    """x @ W_e^T on each expert's row group -> [rows, out]."""
+    if len(weights) == 1:
+        return x @ weights[0].t()
+    if grouped:
+        return F.grouped_mm(x, weights.transpose(1, 2), offs=offs)
+    seg = torch.ops.minimind.seg_mm if torch.compiler.is_compiling() else _seg_mm
+    return seg(x, weights, offs, True)
+
+
+def _mm_w(dy, weights, offs, grouped):
+    """dy @ W_e on each row group -> [rows, in] (the input gradient of x @ W_e^T)."""
+    if len(weights) == 1:
+        return dy @ weights[0]
+    if grouped:
+        return F.grouped_mm(dy, weights, offs=offs)
+    seg = torch.ops.minimind.seg_mm if torch.compiler.is_compiling() else _seg_mm
+    return seg(dy, weights, offs, False)
+
+
+def _wgrad(dy, x, offs, grouped, n):
+    """dy_e^T @ x_e per row group -> n weight gradients [out, in]."""
+    if n == 1:
+        return [dy.t() @ x]
+    if grouped:
+        return list(F.grouped_mm(dy.t(), x, offs=offs).unbind(0))
+    seg = torch.ops.minimind.seg_wgrad if torch.compiler.is_compiling() else _seg_wgrad
+    return list(seg(dy, x, offs))
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """scale * down(silu(x Wg^T) * (x Wu^T)) for one FFN or for E experts over contiguous row groups (offs = group
+    ends); scale is an optional per-row factor (the MoE routing weights) or None.
+
+    Memory: saves x, g = x Wg^T and u = x Wu^T; backward recomputes silu(g) and the product. Autograd would also keep
+    silu(g) and the product (two more [rows, intermediate] tensors per FFN, the largest activations of the model)
+    and, for the routing weights, the unscaled expert output. Under autocast the weights are cast to the compute
+    dtype here and again in backward instead of being kept: the bf16 copies of all expert weights would otherwise
+    stay alive from forward to backward.
+    Expert groups run either as torch's grouped GEMM (no host sync) or as a loop over row slices whose bounds are
+    read once on the host (free on CPU); both give the same numbers as per-expert nn.Linear calls.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, offs, dtype, grouped, *weights):
+        n = len(weights) // 3
+        ws = [_stack(weights[i * n:(i + 1) * n], dtype) if grouped else
+              [w.to(dtype) for w in weights[i * n:(i + 1) * n]] for i in range(3)]
+        xc = x.to(dtype)
+        g = _mm_wt(xc, ws[0], offs, grouped)
+        u = _mm_wt(xc, ws[1], offs, grouped)
+        y = _mm_wt(F.silu(g) * u, ws[2], offs, grouped)
+        if scale is not None:
+            y = y * scale.to(dtype)[:, None]
+        ctx.save_for_backward(xc, g, u, scale, offs, *weights)
+        ctx.n, ctx.dtype, ctx.grouped, ctx.x_dtype = n, dtype, grouped, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xc, g, u, scale, offs, *weights = ctx.saved_tensors
+        n, dtype, grouped = ctx.n, ctx.dtype, ctx.grouped
+        wg, wu, wd = [_stack(weights[i * n:(i + 1) * n], dtype) if grouped else
+                      [w.to(dtype) for w in weights[i * n:(i + 1) * n]] for i in range(3)]
+        need_x, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_w = any(ctx.needs_input_grad[5:])  # False for frozen FFNs (LoRA on attention only)
+        dy = dy.to(dtype)
+        s = F.silu(g)
+        h = s * u
+        sc = scale.to(dtype)[:, None] if scale is not None else None
+        d_wd = _wgrad(dy * sc if sc is not None else dy, h, offs, grouped, n) if need_w else [None] * n
+        dh = _mm_w(dy, wd, offs, grouped)  # gradient of the unscaled output's input h
+        d_scale = None
+        if sc is not None:
+            if need_scale:
+                # d scale_r = <dy_r, down(h_r)> = <h_r, dy_r Wd>: no extra matmul
+                d_scale = (h * dh).sum(dim=-1).to(scale.dtype)
+            dh.mul_(sc)
+        del h
+        du = dh * s
+        del s
+        dg = torch.ops.aten.silu_backward(dh.mul_(u), g)  # the op autograd itself uses for silu
+        del dh
+        dx = (_mm_w(dg, wg, offs, grouped) + _mm_w(du, wu, offs, grouped)).to(ctx.x_dtype) if need_x else None
+        d_wg = _wgrad(dg, xc, offs, grouped, n) if need_w else [None] * n
+        d_wu = _wgrad(du, xc, offs, grouped, n) if need_w else [None] * n
+        grads = [None if d is None else d.to(w.dtype) for d, w in zip(d_wg + d_wu + d_wd, weights)]
+        return (dx, d_scale, None, None, None, *grads)
+
+
+def fusable(ffns):
+    """The memory-light SwiGLU path needs plain bias-free nn.Linear projections (LoRA-wrapped ones take the module
+    path, so their adapters are applied)."""
+    return all(type(m) is nn.Linear and m.bias is None
+               for f in ffns for m in (f.gate_proj, f.up_proj, f.down_proj))
+
+
+def swiglu_train(ffns, x, counts=None, scale=None):
+    """Training-time SwiGLU of one FFN (counts None) or of len(ffns) experts over x's rows grouped by expert, each
+    output row times scale (optional)."""
+    dtype = compute_dtype(x)
+    grouped = counts is not None and grouped_mm_ok(x, dtype)
+    offs = counts.cumsum(0).to(torch.int32) if counts is not None else None
+    weights = [f.gate_proj.weight for f in ffns] + [f.up_proj.weight for f in ffns] + \
+              [f.down_proj.weight for f in ffns]
+    return SwiGLUFunction.apply(x, scale, offs, dtype, grouped, *weights)
 
 
 class FeedForward(nn.Module):
@@ -201,7 +425,11 @@ class FeedForward(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x):
-        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if torch.is_grad_enabled() and fusable([self]):
+            out = swiglu_train([self], x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+        else:
+            # inference: plain modules, so autocast's weight-cast cache serves every decode step
+            out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         if self.dropout > 0 and self.training:
             out = F.dropout(out, self.dropout, True)
         return out
@@ -233,6 +461,7 @@ def load_balance_loss(scores, topi, n_experts, top_k, alpha, seq_aux, token_mask
     scores [B, T, E] fp32, topi [B, T, k], token_mask [B, T] (1 = real token) or None.
     seq_aux: alpha * mean_b sum_e f_be * P_be with f_be = count_be / (L_b*k/E), P_be = mean score over the sequence.
     otherwise: alpha * sum_e f_e * P_e over all tokens of the batch.
+    A packed row counts as one sequence here: its statistics pool the samples packed into it.
     """
     B, T, E = scores.shape
     m = scores.new_ones(B, T) if token_mask is None else token_mask.to(scores.dtype)
@@ -254,9 +483,10 @@ def load_balance_loss(scores, topi, n_experts, top_k, alpha, seq_aux, token_mask
 class MoEFeedForward(nn.Module):
     """Routed top-k SwiGLU experts plus always-on shared experts.
 
-    Dispatch sorts the (token, slot) pairs by expert id and runs each expert once on its contiguous slice. Train and
-    eval use this same path; an expert that got no tokens still runs on an empty slice, so its weights are in the
-    autograd graph with zero gradient (DDP without find_unused_parameters works).
+    Dispatch sorts the (token, slot) pairs by expert id and runs each expert once on its contiguous slice of rows.
+    Training runs all experts through SwiGLUFunction (grouped GEMM where torch has one for the device, else a loop
+    over slices); inference calls the expert modules. Every expert runs, on an empty slice if it got no tokens, so
+    its weights are in the autograd graph with zero gradient (DDP without find_unused_parameters works).
     """
 
     def __init__(self, config):
@@ -273,14 +503,22 @@ class MoEFeedForward(nn.Module):
         scores, topw, topi = self.gate(flat)
         slot_expert = topi.reshape(-1)  # [N*k], slot s belongs to token s // k
         order = torch.argsort(slot_expert, stable=True)
-        counts = torch.bincount(slot_expert, minlength=self.gate.n_experts).tolist()
+        # tokens per expert; scatter_add has a static output shape (bincount's depends on the data: a graph break)
+        counts = torch.zeros(self.gate.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, slot_expert, torch.ones_like(slot_expert))
         routed_in = flat[order // k]
-        routed_out = torch.cat(
-            [expert(chunk) for expert, chunk in zip(self.experts, routed_in.split(counts))], dim=0
-        )
-        # back to (token, slot) order with a gather (deterministic, unlike index_add on CUDA)
-        routed_out = routed_out[torch.argsort(order)].view(-1, k, H)
-        y = (routed_out * topw.to(routed_out.dtype).unsqueeze(-1)).sum(dim=1).view(B, T, H)
+        # back to (token, slot) order with a gather through the inverse permutation (deterministic, unlike
+        # index_add on CUDA)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        if torch.is_grad_enabled() and fusable(self.experts):
+            # routing weights applied inside the function, which then needs no copy of the unweighted outputs
+            routed_out = swiglu_train(self.experts, routed_in, counts, scale=topw.reshape(-1)[order])
+            y = routed_out[inverse].view(-1, k, H).sum(dim=1).view(B, T, H)
+        else:
+            routed_out = torch.cat([expert(chunk) for expert, chunk in
+                                    zip(self.experts, routed_in.split(counts.tolist()))], dim=0)
+            routed_out = routed_out[inverse].view(-1, k, H)
+            y = (routed_out * topw.to(routed_out.dtype).unsqueeze(-1)).sum(dim=1).view(B, T, H)
         for shared in self.shared_experts:
             y = y + shared(x)
         if self.training and self.config.aux_loss_alpha > 0:
@@ -293,7 +531,10 @@ class MoEFeedForward(nn.Module):
         return y, aux
 
 
-class MiniMindBlock(nn.Module):
+class MiniMindBlock(GradientCheckpointingLayer):
+    """Pre-norm decoder layer. model.gradient_checkpointing_enable() recomputes it in backward (transformers'
+    GradientCheckpointingLayer; every argument but the cache is positional so it reaches the checkpoint)."""
+
     def __init__(self, layer_idx, config):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
@@ -301,15 +542,79 @@ class MiniMindBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, x, cos, sin, mask, past_key_values, token_mask):
+    def forward(self, x, cos, sin, mask, token_mask=None, past_key_values=None, kv_len=None):
         # out-of-place adds keep the residual in the embedding dtype under autocast (MiniMind's += made it bf16)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, past_key_values)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, past_key_values, kv_len)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoEFeedForward):
             m, aux = self.mlp(h, token_mask)
         else:
             m, aux = self.mlp(h), None
         return x + m, aux
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Sum over rows of cross_entropy(h @ W^T, target) in fp32, computed a chunk of rows at a time.
+
+    The [rows, vocab] logits never exist whole: forward keeps one fp32 logsumexp per row, backward recomputes each
+    chunk's logits (one more lm_head matmul) and turns them into softmax - onehot in place. Logits are computed in the
+    compute dtype (bf16 under autocast, as the unfused lm_head would) and reduced in fp32. Rows with target -100
+    contribute nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, dtype, chunk):
+        hc, w = h.to(dtype), weight.to(dtype)
+        valid = targets != -100
+        safe = targets.clamp(min=0)
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            logits = (hc[s:s + chunk] @ w.t()).float()
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe[s:s + chunk, None]).squeeze(1)
+            total = total + ((lse[s:s + chunk] - picked) * valid[s:s + chunk]).sum()
+        ctx.save_for_backward(hc, weight, safe, valid, lse)
+        ctx.dtype, ctx.chunk, ctx.h_dtype = dtype, chunk, h.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        hc, weight, safe, valid, lse = ctx.saved_tensors
+        need_w = ctx.needs_input_grad[1]  # False when the embedding is frozen (LoRA)
+        w = weight.to(ctx.dtype)
+        dh = torch.empty_like(hc)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        scale = valid.to(torch.float32) * grad
+        for s in range(0, hc.shape[0], ctx.chunk):
+            e = min(s + ctx.chunk, hc.shape[0])
+            p = (hc[s:e] @ w.t()).float().sub_(lse[s:e, None]).exp_()
+            p[torch.arange(e - s, device=p.device), safe[s:e]] -= 1.0
+            p = p.mul_(scale[s:e, None]).to(ctx.dtype)
+            dh[s:e] = p @ w
+            if need_w:
+                dw += (p.t() @ hc[s:e]).float()
+        return dh.to(ctx.h_dtype), None if dw is None else dw.to(weight.dtype), None, None, None
+
+
+def fused_lm_loss(h, weight, labels, chunk_elems=1 << 22):
+    """Mean next-token cross-entropy over labels != -100 (labels shifted by one), without materialising logits."""
+    H = h.shape[-1]
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+    h = h.reshape(-1, H)
+    if not torch.compiler.is_compiling():
+        # skip rows without a target (prompts, pads): no lm_head work at all for them (one host read of the count)
+        keep = (targets != -100).nonzero().squeeze(1)
+        h, targets = h[keep], targets[keep]
+    count = (targets != -100).sum()
+    chunk = max(1, chunk_elems // weight.shape[0])
+    total = LinearCrossEntropyFunction.apply(h, weight, targets, compute_dtype(h), chunk)
+    # mean over supervised tokens; a batch without any stays finite (0) instead of NaN
+    return total / count.clamp(min=1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -329,6 +634,7 @@ class MiniMindPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MiniMindBlock"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -349,7 +655,7 @@ class MiniMindModel(MiniMindPreTrainedModel):
         """cos/sin [B|1, 1, T, head_dim] in fp32, computed from the config each call.
 
         No buffers: transformers 5 builds models on the meta device and never restores non-persistent buffers
-        (MiniMind's tables came back zero), and positions are per row anyway for left padding.
+        (MiniMind's tables came back zero), and positions are per row anyway for left padding and packed rows.
         """
         inv_freq, attention_factor = rope_inv_freq(self.config, device=position_ids.device)
         freqs = position_ids.float()[..., None] * inv_freq  # [B, T, d/2]
@@ -359,34 +665,52 @@ class MiniMindModel(MiniMindPreTrainedModel):
             cos, sin = cos * attention_factor, sin * attention_factor
         return cos[:, None], sin[:, None]
 
-    def build_mask(self, attention_mask, past_len, q_len, device):
-        """Mask for SDPA: 'causal', 'full', or a bool tensor [B, 1, q_len, past_len + q_len] (True = attend)."""
+    def build_mask(self, attention_mask, past_len, q_len, device, position_ids=None):
+        """Mask for SDPA: 'causal', 'full', or a bool tensor [B, 1, q_len, past_len + q_len] (True = attend).
+
+        Packed rows (position_ids restart at 0 inside a row, fresh input only) attend causally within each segment,
+        a segment being a run that starts at a position 0. The data-dependent choices (any padding, any left padding,
+        any restart) are read from the device in one transfer, and only when a mask or position_ids are given.
+        """
         total = past_len + q_len
         if attention_mask is not None and attention_mask.dim() == 4:
             return attention_mask
-        padded = False
+        if attention_mask is not None and attention_mask.shape[-1] != total:
+            raise ValueError(
+                f"attention_mask has length {attention_mask.shape[-1]} but the cache holds {past_len} tokens and "
+                f"the input {q_len}; expected a mask over all {total} positions"
+            )
+        flags = []
         if attention_mask is not None:
-            if attention_mask.shape[-1] != total:
-                raise ValueError(
-                    f"attention_mask has length {attention_mask.shape[-1]} but the cache holds {past_len} tokens and "
-                    f"the input {q_len}; expected a mask over all {total} positions"
-                )
-            padded = not bool(attention_mask.all())
-        # flash_attn=False (MiniMind's switch) always takes the explicit-mask path
-        if self.config.flash_attn and not padded:
-            if past_len == 0:
-                return "causal" if q_len > 1 else "full"
-            if q_len == 1:
-                return "full"
-        if self.config.flash_attn and padded and past_len == 0 and q_len > 1:
-            # right padding only (no 0 -> 1 step along a row): pads sit after every real token, causal is exact
-            if not bool((attention_mask.diff(dim=-1) > 0).any()):
-                return "causal"
+            m = attention_mask.bool()
+            # any pad; any pad followed by a real token (left or inner padding, which causal alone cannot express)
+            flags += [~m.all(), (m[:, 1:] & ~m[:, :-1]).any()]
+        check_packed = position_ids is not None and past_len == 0 and q_len > 1
+        if check_packed:
+            flags.append((position_ids[:, 1:] == 0).any())
+        values = torch.stack(flags).tolist() if flags else []
+        padded, left_padded = (values[0], values[1]) if attention_mask is not None else (False, False)
+        packed = values[-1] if check_packed else False
+
         q_pos = torch.arange(past_len, total, device=device)[:, None]
         k_pos = torch.arange(total, device=device)[None, :]
+        if packed:
+            seg = (position_ids == 0).cumsum(dim=-1)  # [B, T]; a row's first token always starts a segment
+            mask = (k_pos <= q_pos)[None, None] & (seg[:, None, :, None] == seg[:, None, None, :])
+            if left_padded:
+                mask = (mask & m[:, None, None, :]) | (k_pos == q_pos)[None, None]
+            return mask
+        # flash_attn=False (MiniMind's switch) always takes the explicit-mask path
+        if self.config.flash_attn and not left_padded:
+            # no padding, or right padding of fresh rows (pads sit after every real token: causal is exact for them)
+            if not padded or (past_len == 0 and q_len > 1):
+                if past_len == 0:
+                    return "causal" if q_len > 1 else "full"
+                if q_len == 1:
+                    return "full"
         mask = (k_pos <= q_pos)[None, None]  # causal, offset by the cache length
         if padded:
-            mask = mask & attention_mask.bool()[:, None, None, :]
+            mask = mask & m[:, None, None, :]
             # a pad query would see no key at all (softmax NaN -> NaN values leak through 0-weighted V)
             mask = mask | (k_pos == q_pos)[None, None]
         return mask
@@ -408,9 +732,11 @@ class MiniMindModel(MiniMindPreTrainedModel):
             raise TypeError(f"past_key_values must be a transformers Cache, got {type(past_key_values).__name__}")
         if not use_cache:
             past_key_values = None
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        # int(): StaticCache reports its length as a tensor
+        past_len = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
 
         mask2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        mask = self.build_mask(attention_mask, past_len, T, x.device, position_ids)
         if position_ids is None:
             if mask2d is not None:
                 # left padding: each row counts positions from its first real token
@@ -418,16 +744,44 @@ class MiniMindModel(MiniMindPreTrainedModel):
             else:
                 position_ids = torch.arange(past_len, past_len + T, device=x.device)[None]
         cos, sin = self.rope(position_ids)
-        mask = self.build_mask(attention_mask, past_len, T, x.device)
         token_mask = mask2d[:, -T:] if mask2d is not None else None
 
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
-            x, aux = layer(x, cos, sin, mask, past_key_values, token_mask)
+            x, aux = layer(x, cos, sin, mask, token_mask, past_key_values=past_key_values, kv_len=past_len + T)
             if aux is not None:
                 aux_loss = aux_loss + aux
         x = self.norm(x)
         return MiniMindModelOutput(last_hidden_state=x, past_key_values=past_key_values, aux_loss=aux_loss)
+
+
+class KVBuffer:
+    """K/V of every layer for MiniMind's own decode loop: [layers, B, n_kv, capacity, head_dim], filled left to right.
+
+    update() writes the new positions in place and returns views of the filled prefix, so a decode step neither
+    concatenates nor copies the cache. Allocated at the first update in the dtype the keys arrive in (bf16 under
+    autocast), for min(max_len, first length + 256) positions, and doubled when full (an eos long before a large
+    max_new_tokens must not cost the whole preallocation).
+    """
+
+    def __init__(self, n_layers, max_len):
+        self.n_layers, self.max_len, self.pos = n_layers, max_len, 0
+        self.k = self.v = None
+
+    def update(self, k, v, layer_idx):
+        end = self.pos + k.shape[2]
+        if self.k is None or end > self.k.shape[3]:
+            B, n_kv, _, d = k.shape
+            size = min(self.max_len, max(end + 256, 2 * (0 if self.k is None else self.k.shape[3])))
+            grown_k = k.new_empty(self.n_layers, B, n_kv, size, d)
+            grown_v = v.new_empty(self.n_layers, B, n_kv, size, d)
+            if self.k is not None:
+                grown_k[..., :self.pos, :] = self.k[..., :self.pos, :]
+                grown_v[..., :self.pos, :] = self.v[..., :self.pos, :]
+            self.k, self.v = grown_k, grown_v
+        self.k[layer_idx, :, :, self.pos:end] = k
+        self.v[layer_idx, :, :, self.pos:end] = v
+        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
 
 
 class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
@@ -441,6 +795,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         self.post_init()
         # MiniMind ties unconditionally; do it here too in case a config turned tie_word_embeddings off
         self.lm_head.weight = self.model.embed_tokens.weight
+        self._compiled_step = None
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -450,11 +805,21 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=None, labels=None, logits_to_keep=0, inputs_embeds=None, **kwargs):
+        """HF causal LM forward; `labels` -> mean next-token CE over labels != -100 (shifted by one inside).
+
+        In training mode with labels the loss is computed by a chunked linear + cross-entropy that never builds the
+        [B, T, vocab] logits, and `logits` is None (as Liger-style fused losses do); in eval mode logits come back
+        alongside the loss.
+        """
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds,
         )
         h = out.last_hidden_state
+        if labels is not None and self.training and type(self.lm_head) is nn.Linear:
+            loss = fused_lm_loss(h, self.lm_head.weight, labels)
+            return MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=None,
+                                             past_key_values=out.past_key_values, hidden_states=h)
         if isinstance(logits_to_keep, int):
             kept = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
         else:
@@ -476,6 +841,117 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
             loss=loss, aux_loss=out.aux_loss, logits=logits, past_key_values=out.past_key_values,
             hidden_states=h,
         )
+
+    # ------------------------------------------------------------------------------------------ fast generation
+
+    def generate(self, *args, compile_decode=False, **kwargs):
+        """transformers' generate(); compile_decode=True also runs the decode step of MiniMind's own loop (see
+        _sample) through torch.compile (compiled once per model, reused by later calls)."""
+        self._compile_decode = compile_decode
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._compile_decode = False
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        """transformers' generate() prepares everything (config, logits processors, stopping criteria, expansion
+        for num_return_sequences, the streamer's prompt) and then calls this decoding loop for greedy search and
+        sampling. The common case runs MiniMind's own loop over a preallocated KV buffer with the same processors,
+        the same stopping rule and the same sampling call, so it returns exactly what GenerationMixin._sample would;
+        anything else (return_dict_in_generate, a cache passed in or cache_implementation="static", inputs_embeds,
+        synced_gpus, assisted decoding, extra model inputs) goes to GenerationMixin._sample.
+        """
+        compile_step = getattr(self, "_compile_decode", False)
+        cache = model_kwargs.get("past_key_values")
+        fast = (
+            not generation_config.return_dict_in_generate
+            and not synced_gpus
+            and not getattr(generation_config, "is_assistant", False)
+            and model_kwargs.get("use_cache", True)
+            and type(cache) is DynamicCache and cache.get_seq_length() == 0
+            and not getattr(cache, "_is_user_defined", False)
+            and generation_config.max_length is not None
+            and set(model_kwargs) <= {"attention_mask", "position_ids", "past_key_values", "use_cache",
+                                      "logits_to_keep", "output_attentions", "output_hidden_states"}
+            and not model_kwargs.get("output_attentions") and not model_kwargs.get("output_hidden_states")
+        )
+        given = model_kwargs.get("position_ids")
+        if fast and given is not None:
+            # transformers derives these from the mask exactly as this loop does; other (user) positions fall back
+            mask = model_kwargs.get("attention_mask")
+            P = input_ids.shape[1]
+            expected = (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None else \
+                torch.arange(P, device=input_ids.device)[None]
+            fast = given.shape[-1] == P and bool((given == expected).all())
+        if not fast:
+            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
+                                   synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        return self._fast_sample(input_ids, logits_processor, stopping_criteria, generation_config, streamer,
+                                 model_kwargs.get("attention_mask"), compile_step)
+
+    def _decode_step(self, ids, cos, sin, mask, kv):
+        """One forward over new tokens on top of `kv` -> fp32 logits of each row's last position [B, vocab]."""
+        x = self.model.embed_tokens(ids)
+        kv_len = kv.pos + ids.shape[1]
+        for layer in self.model.layers:
+            x, _ = layer(x, cos, sin, mask, None, past_key_values=kv, kv_len=kv_len)
+        kv.pos = kv_len
+        return self.lm_head(self.model.norm(x[:, -1])).float()
+
+    @torch.no_grad()
+    def _fast_sample(self, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
+                     attention_mask, compile_step):
+        B, P = input_ids.shape
+        L = generation_config.max_length
+        device = input_ids.device
+        pad_token = generation_config._pad_token_tensor
+        has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+        seq = input_ids.new_empty(B, max(L, P + 1))
+        seq[:, :P] = input_ids
+        kv = KVBuffer(len(self.model.layers), seq.shape[1])
+        # RoPE table once: indexing it gives exactly what rope(position_ids) computes per step
+        cos_t, sin_t = (t[0, 0] for t in self.model.rope(torch.arange(seq.shape[1], device=device)[None]))
+        if attention_mask is None:
+            valid = None
+            pos = torch.arange(P, device=device)[None]
+            mask = "causal" if P > 1 else "full"
+        else:
+            valid = torch.ones(B, seq.shape[1], dtype=torch.bool, device=device)
+            valid[:, :P] = attention_mask.bool()
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            mask = self.model.build_mask(attention_mask, 0, P, device)
+        step = self._decode_step
+        if compile_step:
+            if self._compiled_step is None:
+                self._compiled_step = torch.compile(self._decode_step, dynamic=True)
+            step = self._compiled_step
+        logits = self._decode_step(input_ids, cos_t[pos][:, None], sin_t[pos][:, None], mask, kv)
+        next_pos = pos[:, -1] + 1  # [B] or [1]
+        unfinished = torch.ones(B, dtype=torch.long, device=device)
+        cur = P
+        while True:
+            scores = logits_processor(seq[:, :cur], logits)
+            if generation_config.do_sample:
+                tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                tokens = torch.argmax(scores, dim=-1)
+            if has_eos:
+                tokens = tokens * unfinished + pad_token * (1 - unfinished)
+            seq[:, cur] = tokens
+            cur += 1
+            unfinished = unfinished & ~stopping_criteria(seq[:, :cur], None)
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+            if unfinished.max() == 0 or cur >= seq.shape[1]:
+                break
+            step_mask = "full" if valid is None else valid[:, None, None, :cur]
+            logits = step(tokens[:, None], cos_t[next_pos][:, None, None], sin_t[next_pos][:, None, None],
+                          step_mask, kv)
+            next_pos = next_pos + 1
+        if streamer is not None:
+            streamer.end()
+        return seq[:, :cur].contiguous()
 
 
 def count_params(model):
