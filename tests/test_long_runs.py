@@ -447,13 +447,18 @@ def test_num_workers_default_follows_the_cores_per_rank(monkeypatch):
         assert default_num_workers() == want, (cores, ranks)
 
 
-def test_grad_checkpointing_flag_reaches_the_model(tmp_path, capsys, monkeypatch):
-    calls = []
-    monkeypatch.setattr(MiniMindForCausalLM, "gradient_checkpointing_enable", lambda self, *a, **k: calls.append(1),
-                        raising=False)
-    code, out, err = run_inprocess(PRE, *TINY, *dirs(tmp_path), "--data_path", DEMO / "pretrain.jsonl",
-                                   "--max_steps", "1", "--batch_size", "2", "--grad_checkpointing", "1", capsys=capsys)
-    assert code == 0 and calls == [1] and "gradient checkpointing on" in out, err
+def test_grad_checkpointing_trains_the_same_weights(tmp_path, capsys):
+    """--grad_checkpointing 1 recomputes each decoder layer in backward: same gradients, so the same weights."""
+    weights = {}
+    for gc in ("0", "1"):
+        d = tmp_path / gc
+        code, out, err = run_inprocess(PRE, *TINY, *dirs(d), "--data_path", DEMO / "pretrain.jsonl", "--use_moe", "1",
+                                       "--max_steps", "2", "--batch_size", "2", "--grad_checkpointing", gc,
+                                       capsys=capsys)
+        assert code == 0, err
+        assert ("gradient checkpointing on" in out) == (gc == "1")
+        weights[gc] = torch.load(d / "out" / "pretrain_64_moe.pth", weights_only=True)
+    assert all(torch.equal(weights["0"][k], weights["1"][k]) for k in weights["0"])
 
 
 def test_cpu_precision_default_follows_native_bf16(monkeypatch, capsys):

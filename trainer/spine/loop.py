@@ -214,10 +214,13 @@ class TrainLoop:
         self.epoch, self.step = self.start_epoch, 0
 
     def _enable_grad_checkpointing(self, model) -> None:
-        if not hasattr(model, "gradient_checkpointing_enable"):
+        # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias) to activation_checkpointing_*
+        enable = getattr(model, "activation_checkpointing_enable", None) or \
+            getattr(model, "gradient_checkpointing_enable", None)
+        if enable is None:
             raise UserError(f"--grad_checkpointing 1: {type(model).__name__} has no gradient_checkpointing_enable()")
         try:
-            model.gradient_checkpointing_enable()
+            enable()
         except ValueError as e:
             raise UserError(f"--grad_checkpointing 1 is not supported by this model ({e}); pass 0") from None
         Logger("gradient checkpointing on: activations are recomputed in backward")
