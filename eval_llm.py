@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from model.model_minimind import MiniMindForCausalLM, count_params  # noqa: E402
 from trainer.chat_utils import (ChatStream, GenerationError, ReplyParser, add_device_arg, add_model_args,  # noqa: E402
-                                build_prompt, context_length, is_hf_dir, load_model, place_model, sampling_flag)
+                                build_prompt, context_length, is_hf_dir, load_model, place_model, precision_name,
+                                sampling_flag)
 from trainer.trainer_utils import UserError, run_main  # noqa: E402
 
 AUTO_PROMPTS = [
@@ -131,10 +132,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     model, tokenizer = load_model(args)
     raw = args.weight == "pretrain" and not is_hf_dir(args)  # a pretrained model continues text, no chat template
-    model = place_model(model, args.device)
+    model = place_model(model, args.device, args.dtype)
     if isinstance(model, MiniMindForCausalLM):
         total, active = count_params(model)
-        print(f"Model Params: {total:.2f}M" + (f"-A{active:.2f}M" if model.config.use_moe else ""))
+        print(f"Model Params: {total:.2f}M" + (f"-A{active:.2f}M" if model.config.use_moe else "")
+              + f" | {precision_name(model)} on {args.device}")
     budget = context_length(model) - args.max_new_tokens
     if budget < 1:
         raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in the model's context "

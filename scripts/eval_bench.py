@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from trainer.chat_utils import add_model_args, load_model  # noqa: E402
+from trainer.chat_utils import add_device_arg, add_model_args, inference_context, load_model, place_model  # noqa: E402
 from trainer.trainer_utils import UserError, atomic_write_text, run_main  # noqa: E402
 
 LETTERS = "ABCD"
@@ -358,7 +358,8 @@ def letter_logprobs(model, prompts: list[list[int]], letter_ids: list[list[int]]
             kwargs["attention_mask"] = mask
             if derive_positions:
                 kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, **kwargs).logits[:, -1].float()
+        with inference_context(model):
+            logits = model(input_ids=ids, **kwargs).logits[:, -1].float()
         logp = logits.log_softmax(-1).cpu()
         for j, variants in enumerate(letter_ids):
             out[idx, j] = logp[:, variants].max(-1).values
@@ -464,7 +465,7 @@ def main(argv=None):
     p.add_argument("--max_length", type=int, default=2048,
                    help="longest prompt in tokens (capped at the model's max_position_embeddings)")
     p.add_argument("--batch_size", type=int, default=16, help="prompts per forward pass")
-    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arg(p)
     p.add_argument("--json", type=str, default=None, help="write the full result (with every prediction) here")
     p.add_argument("--lm_eval_tasks", type=str, default=None,
                    help="write lm-evaluation-harness task files for --data_dir to this folder and exit")
@@ -485,9 +486,7 @@ def main(argv=None):
         raise UserError("--device cuda but CUDA is not available; pass --device cpu")
 
     model, tokenizer = load_model(args)
-    model = model.to(args.device).eval()
-    if args.device.startswith("cuda"):
-        model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    model = place_model(model, args.device, args.dtype)
     template = args.template
     if template == "auto":
         base = args.load_from == "model" and args.weight.startswith("pretrain")

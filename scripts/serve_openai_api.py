@@ -37,7 +37,8 @@ from fastapi.staticfiles import StaticFiles  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
 from trainer.chat_utils import (SAMPLING_RULES, ChatStream, GenerationError, ReplyParser, add_device_arg,  # noqa: E402
-                                add_model_args, build_prompt, context_length, load_model, place_model)
+                                add_model_args, build_prompt, context_length, load_model, place_model,
+                                precision_name)
 from trainer.trainer_utils import UserError, run_main  # noqa: E402
 
 WEB = ROOT / "scripts" / "web"
@@ -172,6 +173,7 @@ def create_app(model, tokenizer, model_name: str, *, context: int | None = None,
     created_at = int(time.time())
     app = FastAPI(title="MiniMind OpenAI-compatible API", docs_url=None, redoc_url=None)
     app.state.context = context
+    app.state.precision = precision_name(model) if hasattr(model, "dtype") else "-"
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
@@ -362,7 +364,7 @@ def load_app(args) -> FastAPI:
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
     model, tokenizer = load_model(args)
-    model = place_model(model, args.device)
+    model = place_model(model, args.device, args.dtype)
     return create_app(model, tokenizer, args.model_name, context=args.context,
                       max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_kb * 1024,
                       max_queue=args.max_queue, temperature=args.temperature, top_p=args.top_p)
@@ -381,8 +383,8 @@ def main(argv=None, on_ready=None):
         while not server.started and not server.should_exit:
             time.sleep(0.05)
         if server.started:
-            print(f"serving {args.model_name} | chat page {url}/ | API {url}/v1 (queued: one generation at a time)",
-                  flush=True)
+            print(f"serving {args.model_name} ({app.state.precision}) | chat page {url}/ | API {url}/v1 "
+                  "(queued: one generation at a time)", flush=True)
             if on_ready:
                 on_ready(url)
     threading.Thread(target=announce, daemon=True).start()

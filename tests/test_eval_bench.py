@@ -248,7 +248,7 @@ def test_lm_eval_on_a_converted_llama_folder_agrees(tmp_path, tokenizer):
                                                 initializer_range=0.2))
     folder = convert.export_model(native, tokenizer, tmp_path / "llama", fmt="llama", dtype=torch.float32)
     ours = eb.main(["--load_from", str(folder), "--data_dir", str(SAMPLE / "ceval"), "--shots", "1", "--template",
-                    "raw", "--device", "cpu"])
+                    "raw", "--device", "cpu", "--dtype", "float32"])
     eb.main(["--data_dir", str(SAMPLE / "ceval"), "--lm_eval_tasks", str(tmp_path / "tasks")])
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
            f"pretrained={folder},add_bos_token=True,dtype=float32", "--include_path", str(tmp_path / "tasks"),

@@ -18,6 +18,7 @@ reply and a whole reply split identically.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -31,8 +32,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.trainer_utils import (ARCH_FLAGS, UserError, check_tokenizer, load_tokenizer, load_weights,
-                                   read_sidecar, root_path, weight_path)
+from trainer.trainer_utils import (ARCH_FLAGS, UserError, check_tokenizer, cpu_has_fast_bf16, load_tokenizer,
+                                   load_weights, read_sidecar, root_path, weight_path)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model selection and loading
@@ -59,7 +60,11 @@ def add_model_args(p) -> None:
 
 def add_device_arg(p) -> None:
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu / cuda / cuda:1 (CUDA runs in bf16, or fp16 without bf16 support)")
+                   help="cpu / cuda / cuda:1")
+    p.add_argument("--dtype", type=str, default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="推理精度 / inference precision. auto: CUDA bf16 weights (fp16 without bf16 support); CPU bf16 "
+                        "autocast over fp32 weights where the CPU has native bf16 (AVX512-BF16/AMX: ~1.8x faster "
+                        "decoding), else fp32")
 
 
 def resolve_model_paths(args) -> None:
@@ -153,14 +158,34 @@ def build_hf_model(args):
     return model, load_tokenizer(args.tokenizer_path or args.load_from)
 
 
-def place_model(model, device: str):
-    """Eval mode on the device; CUDA runs in bf16 (fp16 where bf16 is unsupported), the CPU in fp32."""
+def place_model(model, device: str, dtype: str = "auto"):
+    """Eval mode on the device in the precision of --dtype (see add_device_arg). On CUDA the weights are cast; on the
+    CPU they stay fp32 and `model.inference_autocast` names the autocast dtype that `inference_context(model)` (used
+    by ChatStream and the benchmarks) applies, so the bf16 copies come from autocast's cache during a generation."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} but CUDA is not available; pass --device cpu")
     model = model.to(device).eval()
+    model.inference_autocast = None
     if device.startswith("cuda"):
-        model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        if dtype == "auto":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        model = model.to(getattr(torch, dtype))
+    elif dtype == "float16":
+        raise UserError("--dtype float16 is for CUDA; on the CPU pass --dtype bfloat16 or float32")
+    elif dtype == "bfloat16" or (dtype == "auto" and cpu_has_fast_bf16()):
+        model.inference_autocast = torch.bfloat16
     return model
+
+
+def inference_context(model):
+    """The autocast that place_model chose for this model (a no-op context when none)."""
+    dtype = getattr(model, "inference_autocast", None)  # only ever set for the CPU (CUDA casts the weights)
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def precision_name(model) -> str:
+    amp = getattr(model, "inference_autocast", None)
+    return f"{str(amp)[6:]} autocast over {str(model.dtype)[6:]} weights" if amp else f"{str(model.dtype)[6:]}"
 
 
 def context_length(model) -> int:
@@ -361,7 +386,7 @@ class ChatStream:
                 if seed is not None:
                     torch.manual_seed(seed)
                 ids = torch.tensor([self.prompt_ids], dtype=torch.long, device=model.device)
-                with torch.no_grad():
+                with torch.no_grad(), inference_context(model):  # autocast is per thread: enter it here
                     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                    streamer=_QueueStreamer(self._q, self.prompt_ids),
                                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(self.cancelled)]), **kw)
