@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from dataset.lm_dataset import (DataFormatError, DPODataset, PretrainDataset, RLAIFDataset, SFTDataset,  # noqa: E402
                                 best_fit_decreasing, collate_dpo, collate_dpo_packed, collate_lm, collate_packed,
-                                collate_rl, real_token_fraction)
+                                collate_rl, pack_rows, real_token_fraction)
 
 CHAT = [{"role": "system", "content": "You are terse."},
         {"role": "user", "content": "3+4=?"}, {"role": "assistant", "content": "3+4=7。"},
@@ -220,21 +220,35 @@ def test_best_fit_decreasing_by_hand():
     assert best_fit_decreasing([3, 3, 3], 6) == [[0, 1], [2]]
     with pytest.raises(ValueError, match="does not fit a packed row of 6"):
         best_fit_decreasing([7], 6)
-    # real tokens / computed positions: padded 15 / (5 x 5), packed 15 / (3 rows x 6)
-    assert real_token_fraction([5, 4, 3, 2, 1], 5, 6) == (15 / 25, 15 / 18)
+    assert best_fit_decreasing([4, 4, 3, 3, 2], 6) == [[0, 4], [1], [2, 3]]  # the fullest bin that fits: 4+2, not 3+2
+    # real tokens / computed positions: padded 15 / (5 x 5); packed: rows of capacity 5 hold all 15 in 3 x 5
+    # (capacity 6, the widest allowed, would compute 3 x 6)
+    assert real_token_fraction([5, 4, 3, 2, 1], 5, 6) == (15 / 25, 15 / 15)
+
+
+def test_pack_rows_chooses_the_cheapest_row_width():
+    # 5, 4, 3, 3 (15 tokens) under 9: capacity 9 gives [5,4] [3,3] = 2 x 9 = 18; capacity 8: [5,3] [4,3] = 2 x 8 = 16
+    assert pack_rows([5, 4, 3, 3], 9) == ([[0, 2], [1, 3]], 8)
+    # 4 x 3 under 8: 2 rows of 6 or 4 rows of 3 compute 12 positions each; the narrower rows win (less attention)
+    assert pack_rows([3, 3, 3, 3], 8) == ([[0], [1], [2], [3]], 3)
+    assert pack_rows([3, 3, 2, 2], 8) == ([[0, 2], [1, 3]], 5)  # 2 full rows of 5 (the width of r = 2 full rows)
+    assert pack_rows([7], 9) == ([[0]], 7)
 
 
 def test_collate_packed_by_hand():
     items = [lm_item([10, 11, 12, 13, 14]), lm_item([20, 21, 22, 23], [-100, -100, 22, 23]), lm_item([30, 31, 32]),
              lm_item([40, 41]), lm_item([50])]
-    batch = collate_packed(items, max_len=6)
-    assert batch["input_ids"].tolist() == [[10, 11, 12, 13, 14, 50], [20, 21, 22, 23, 40, 41], [30, 31, 32, 0, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 11, 12, 13, 14, -100], [-100, -100, 22, 23, -100, 41],
-                                        [-100, 31, 32, -100, -100, -100]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
-    assert batch["attention_mask"].tolist() == [[1] * 6, [1] * 6, [1, 1, 1, 0, 0, 0]]
+    batch = collate_packed(items, max_len=6)  # 15 tokens: 3 full rows of 5 (width 6 would leave a third empty)
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 13, 14], [20, 21, 22, 23, 50], [30, 31, 32, 40, 41]]
+    assert batch["labels"].tolist() == [[-100, 11, 12, 13, 14], [-100, -100, 22, 23, -100],
+                                        [-100, 31, 32, -100, 41]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert batch["attention_mask"].tolist() == [[1] * 5] * 3
     assert batch["supervised"].tolist() == [4, 2, 2, 1, 0]
     assert set(batch) == {"input_ids", "labels", "attention_mask", "position_ids", "supervised"}
+    two = collate_packed([items[0], items[2]], max_len=6)  # 5 and 3 do not share a row of 6: pad the 3
+    assert two["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert two["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
 
 
 def segments(batch):

@@ -51,7 +51,8 @@ def test_sequence_logps_sum_or_mean_of_the_answer_tokens(loss_type):
     labels[2, 4:] = torch.tensor([7, 8])  # rejected 0: 2
     labels[3, 1:] = torch.tensor([9, 10, 0, 1, 2])  # rejected 1: 5
     normalize = loss_type == "sigmoid_norm"
-    got, n_tokens = sequence_logps(logits, labels, normalize)
+    rows = torch.arange(4)[:, None].expand(4, 6)  # collate_dpo: one sequence per row
+    got, n_tokens = sequence_logps(logits, labels, rows, 4, normalize)
     logp = F.log_softmax(logits, dim=-1)
     for i in range(4):
         # label at position t is predicted by the logits at t-1
@@ -107,17 +108,19 @@ def test_one_optimizer_step_raises_the_margin_on_its_batch(loss_type):
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     normalize = loss_type == "sigmoid_norm"
 
+    seqs = (batch["sample_index"], 8, normalize)
+
     def margin():
         with torch.no_grad():
-            pol, n = sequence_logps(policy(batch["input_ids"]).logits, batch["labels"], normalize)
-            r, _ = sequence_logps(ref(batch["input_ids"]).logits, batch["labels"], normalize)
+            pol, n = sequence_logps(policy(batch["input_ids"]).logits, batch["labels"], *seqs)
+            r, _ = sequence_logps(ref(batch["input_ids"]).logits, batch["labels"], *seqs)
             return dpo_loss(pol, r, 0.1, n)
 
     loss0, m0 = margin()
     assert loss0.item() == pytest.approx(math.log(2)) and m0["reward_margin"].item() == 0  # policy == ref
-    pol, n = sequence_logps(policy(batch["input_ids"]).logits, batch["labels"], normalize)
+    pol, n = sequence_logps(policy(batch["input_ids"]).logits, batch["labels"], *seqs)
     with torch.no_grad():
-        r, _ = sequence_logps(ref(batch["input_ids"]).logits, batch["labels"], normalize)
+        r, _ = sequence_logps(ref(batch["input_ids"]).logits, batch["labels"], *seqs)
     dpo_loss(pol, r, 0.1, n)[0].backward()
     opt.step()
     loss1, m1 = margin()

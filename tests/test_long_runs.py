@@ -407,18 +407,21 @@ def test_every_supervised_stage_passes_the_attention_mask(script, extra, tiny_ra
     seen = []
     forward = MiniMindForCausalLM.forward
 
-    def spy(self, input_ids=None, attention_mask=None, **kw):
-        if self.training:
-            seen.append(attention_mask is not None and attention_mask.shape == input_ids.shape
-                        and bool((attention_mask == 0).any()))
-        return forward(self, input_ids=input_ids, attention_mask=attention_mask, **kw)
+    def spy(self, input_ids=None, attention_mask=None, position_ids=None, **kw):
+        if self.training or not torch.is_grad_enabled():  # the policy/student, or a frozen reference/teacher
+            seen.append((attention_mask is not None and attention_mask.shape == input_ids.shape,
+                         position_ids is not None and position_ids.shape == input_ids.shape))
+        return forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
     monkeypatch.setattr(MiniMindForCausalLM, "forward", spy)
     tiny = TINY[4:] if script == DIST else TINY
     extra = [*extra, "--from_dir", tmp_path / "out"] if "lora" in script else extra
     code, _, err = run_inprocess(script, *tiny, *dirs(tmp_path), "--batch_size", "4", "--max_steps", "1", *extra,
                                  capsys=capsys)
     assert code == 0, err
-    assert seen and all(seen)  # every training forward got the batch's mask, with pads in it
+    mask, packed = zip(*seen)
+    # --pack 1 (default): every forward (also the frozen reference's / teacher's) got the batch's mask (pads at a
+    # row's end stay out of the MoE balance loss) and the packed rows' position_ids (restarting per sample)
+    assert seen and all(mask) and all(packed)
 
 
 # ------------------------------------------------------------------------------------------------ small pieces

@@ -8,11 +8,12 @@ Data: JSONL lines {"text": "..."} (MiniMind's pretrain_hq.jsonl). Writes out/pre
 sidecar) and checkpoints/pretrain_{hidden}{_moe}_resume.pth.
 """
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset.lm_dataset import PretrainDataset, collate_lm
+from dataset.lm_dataset import PretrainDataset, collate_lm, collate_pretrain_packed
 from trainer.trainer_utils import (TrainLoop, build_optimizer, build_parser, dataset_options, init_model, init_run,
                                    model_config_from_args, parse_args, run_main)
 
@@ -21,7 +22,7 @@ def main():
     parser = build_parser("MiniMind Pretraining", save_weight="pretrain", epochs=1, batch_size=32,
                           learning_rate=5e-4, accumulation_steps=8, log_interval=100, save_interval=1000,
                           max_seq_len=340, data_path="dataset/pretrain_hq.jsonl", from_weight="none",
-                          wandb_project="MiniMind-Pretrain")
+                          wandb_project="MiniMind-Pretrain", group_by_length=0)
     args = parse_args(parser)
     ctx = init_run(args)
 
@@ -30,8 +31,10 @@ def main():
     model, tokenizer = init_model(config, args.from_weight, args.tokenizer_path, args.save_dir, ctx.device)
     dataset = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len,
                               **dataset_options(PretrainDataset, args))
+    # --pack 1: documents fill rows of exactly max_seq_len (one may continue in the next row), see the docstring
+    collate = partial(collate_pretrain_packed, max_len=args.max_seq_len) if args.pack else collate_lm
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
-    loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_lm,
+    loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate,
                      config=config, stage="Pretrain", tokenizer=tokenizer)
 
     # ---------------------------------------------------------------- train
