@@ -686,14 +686,15 @@ def collate_dpo_packed(batch, max_len, pad_id=0):
     return pack(ids, labels, max_len, pad_id)
 
 
-def split_pack(lengths, max_len, min_piece=MIN_PIECE):
+def split_pack(lengths, max_len, min_piece=None):
     """Rows of pieces (document, start, end) for pretraining: every row but the last is exactly max_len full.
 
     A row takes the longest document that fits its room, again and again (best fit, whole documents first). When
     none fits, the shortest document that leaves both pieces >= min_piece tokens is split: its head ends the row,
     its tail goes back into the pool as a document of its own (nanochat crops documents the same way but drops the
-    tail). If no document can be split so, the room stays padding. min_piece = min(MIN_PIECE, max_len // 8)."""
-    min_piece = min(min_piece, max(max_len // 8, 1))
+    tail). If no document can be split so, the room stays padding. min_piece None = min(MIN_PIECE, max_len // 8)."""
+    if min_piece is None:
+        min_piece = min(MIN_PIECE, max(max_len // 8, 1))
     if max(lengths) > max_len:
         raise ValueError(f"a document of {max(lengths)} tokens does not fit a packed row of {max_len}")
     pool = sorted(((n, i, 0) for i, n in enumerate(lengths) if n > 0), key=lambda p: (-p[0], p[1]))
@@ -720,7 +721,7 @@ def split_pack(lengths, max_len, min_piece=MIN_PIECE):
     return rows
 
 
-def collate_pretrain_packed(batch, max_len, pad_id=0, min_piece=MIN_PIECE):
+def collate_pretrain_packed(batch, max_len, pad_id=0, min_piece=None):
     """Pretraining documents packed into rows of max_len (split_pack): only the micro-batch's last row is partly
     padding. A document that does not fit the rest of a row may continue in the next row; each piece is its own
     segment (positions from 0, attention within the piece, its first label -100), so the tail piece is predicted
