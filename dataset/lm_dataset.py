@@ -40,16 +40,30 @@ block and tool calls) and the turn's end token <|im_end|>; the header "<|im_star
 <|im_end|> are not supervised. Spans are found in the rendered string by the ChatML markers and mapped to tokens with
 the tokenizer's offset mapping, so any ChatML tokenizer works (--tokenizer_path), not only ours.
 
-Batches: collate_lm / collate_dpo pad each sequence to the batch's longest; collate_packed / collate_dpo_packed
-(bind max_len with functools.partial) pack the micro-batch's sequences into as few rows of width <= max_len as
-best-fit decreasing finds, with position_ids restarting at 0 per sequence (the model then attends within each
-sequence only) and the first label of every sequence set to -100, so a packed batch trains exactly like the padded
-one while computing fewer pad positions. Real tokens / computed positions (--pack_report: synthetic MiniMind-shaped
-lengths, batch 16 / 32): SFT padded 45% / 44% -> packed 91% / 95% at max_len 340 (36% / 33% -> 90% / 94% at 512);
-pretrain (about half of pretrain_hq's lines cut at 340) padded 87.5% -> packed 88.5% / 89%. Per micro-batch, best
-fit cannot reach 95% at these batch sizes: the last row of each micro-batch is partly empty, and pretrain lines of
-200-340 tokens do not pair up within 340. max_len = batch_size * max_seq_len puts a micro-batch into one row (100%
-real tokens), which pays off only with variable-length attention kernels.
+Batches: collate_lm / collate_dpo pad each sequence to the batch's longest. collate_packed / collate_dpo_packed
+(bind max_len with functools.partial; the scripts' --pack 1) pack the micro-batch's whole sequences into rows of
+width <= max_len (best-fit decreasing at the row width that computes the fewest positions), with position_ids
+restarting at 0 per sequence (the model then attends within each sequence only) and the first label of every
+sequence set to -100, so a packed batch trains exactly like the padded one while computing fewer pad positions.
+collate_pretrain_packed (pretraining only) fills rows of exactly max_len: a document that does not fit the rest of a
+row may continue in the next one as a segment of its own (split_pack says where and why). Per micro-batch, whole
+sequences cannot reach 95% real tokens at batch 16: the last row of each micro-batch is partly empty, and a random
+batch of lengths leaves gaps. The length-grouped sampler (trainer SkipBatchSampler, --group_by_length 1) closes the
+gap: group_by_length pre-packs chunks of 64 micro-batches by the records' byte lengths (the `lengths` every dataset
+exposes, read at start-up for free), so each micro-batch holds samples that fill rows together.
+
+Real tokens / computed positions (python dataset/lm_dataset.py --pack_report: synthetic MiniMind-shaped lengths,
+byte-length estimates off by a lognormal factor of sigma 0.1; 640 micro-batches each):
+    SFT (sft_512-like), batch 16 / 32   max_len 340: padded 44.9% / 43.4%, packed 91.9% / 95.0%,
+                                        grouped + packed 95.2% / 95.8%
+                                        max_len 512: padded 36.4% / 32.5%, packed 93.7% / 95.3%,
+                                        grouped + packed 95.4% / 95.9%
+    pretrain (half cut at 340)          max_len 340: padded 87.5% / 87.4%, packed (split) 96.0% / 97.5%
+                                        max_len 512: padded 67.5% / 66.5%, packed (split) 94.9% / 97.1%
+Grouping by sorting (--pack 0 --group_by_length 1) gives SFT 84-88% with padding; sorted blocks packed give 92-93%,
+hardly better than no grouping, because blocks of look-alike (but mis-estimated) lengths leave a gap in every row;
+hence the pre-packing. Estimates off by sigma 0 / 0.05 / 0.2 (--noise): grouped + packed 98.4-99.1% / 96.7-97.0% /
+93.9-95.1%.
 """
 import argparse
 import bisect
@@ -740,7 +754,7 @@ def group_by_length(indices, lengths, block, width, rng):
     width 0 (padded batches): sorted by length, so a block holds similar lengths. width > 0 (packed batches): the
     chunk is packed into rows of `width` by best-fit decreasing on the estimates and the rows are laid out one after
     another, so a block holds samples that fill rows together. (Sorting makes blocks of look-alike lengths, which
-    pack worse than random blocks once lengths are estimates: --pack_report.) The full blocks are shuffled with rng;
+    pack no better than random blocks once lengths are estimates: --pack_report.) The full blocks are shuffled with rng;
     a short last block stays last, so every block of a full chunk starts at a multiple of `block`."""
     if width:
         rows = best_fit_decreasing([min(n, width) for n in lengths], width)
@@ -805,14 +819,15 @@ def grouped(lengths, estimates, batch_size, width, seed=0):
 
 def pack_report(lengths=None, estimates=None, label="", batch_sizes=(16, 32), max_lens=(340, 512), batches=640,
                 noise=0.1, seed=0):
-    """Real tokens / computed positions of padded, packed and length-grouped micro-batches, on `lengths` (untruncated
+    """Real tokens / computed positions of padded, packed and length-grouped micro-batches (sorted: --pack 0's
+    grouping; grouped: --pack 1's pre-packed grouping), on `lengths` (untruncated
     token lengths of a file's records, `estimates` their byte lengths over the median bytes per token) or on
     synthetic MiniMind-shaped ones whose estimates are off by a lognormal factor (sigma `noise`; chats measured
     0.05-0.1 for bytes vs tokens). Pretraining packs with collate_pretrain_packed (documents may be split: the last
     column is the share of tokens in later pieces), the other stages with collate_packed."""
     source = "a sample of the file" if lengths else f"synthetic, length estimates off by sigma {noise}"
     print(f"real tokens / computed positions ({source}; {batches} micro-batches each)")
-    print("lengths   B  max_len  padded  packed  grouped+padded  grouped+packed  split pieces")
+    print("lengths   B  max_len  padded  packed  sorted+padded  sorted+packed  grouped+packed  split pieces")
     for kind in ([label] if lengths else ["pretrain", "sft"]):
         split = kind == "pretrain"
         for max_len in max_lens:
@@ -825,10 +840,11 @@ def pack_report(lengths=None, estimates=None, label="", batch_sizes=(16, 32), ma
                     sample = [min(n, max_len) for n in raw]
                     est = [n * math.exp(rng.gauss(0, noise)) for n in raw]
                 pad, packed = real_token_fraction(sample, b, max_len, split)
-                g_pad, _ = real_token_fraction(grouped(sample, est, b, 0), b, max_len, split)
+                s_pad, s_packed = real_token_fraction(grouped(sample, est, b, 0), b, max_len, split)
                 _, g_packed = real_token_fraction(grouped(sample, est, b, GROUP_FILL * max_len), b, max_len, split)
                 cut = f"{split_share(sample, b, max_len):12.1%}" if split else ""
-                print(f"{kind:8} {b:3} {max_len:8} {pad:7.1%} {packed:7.1%} {g_pad:15.1%} {g_packed:15.1%} {cut}")
+                print(f"{kind:8} {b:3} {max_len:8} {pad:7.1%} {packed:7.1%} {s_pad:14.1%} {s_packed:14.1%} "
+                      f"{g_packed:15.1%} {cut}")
 
 
 def file_lengths(path, kind, tokenizer_path, n=20000, seed=0):

@@ -327,7 +327,8 @@ def test_split_pack_by_hand():
 def test_collate_pretrain_packed_keeps_every_token_once(batch_size, max_len):
     rng = random.Random(batch_size)
     # mostly documents longer than half a row (they cannot pair up whole), some short ones
-    sizes = [rng.randint(1, 10) if rng.random() < 0.2 else rng.randint(max_len // 2, max_len) for _ in range(batch_size)]
+    sizes = [rng.randint(1, 10) if rng.random() < 0.2 else rng.randint(max_len // 2, max_len)
+             for _ in range(batch_size)]
     items = [lm_item([1000 * (s + 1) + k for k in range(n)]) for s, n in enumerate(sizes)]
     collate = pickle.loads(pickle.dumps(functools.partial(collate_pretrain_packed, max_len=max_len)))
     batch = collate(items)
