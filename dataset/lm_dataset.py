@@ -732,7 +732,7 @@ def split_pack(lengths, max_len, min_piece=None):
             bisect.insort(pool, (n - room, i, a + room), key=lambda p: (-p[0], p[1], p[2]))
             room = 0
         rows.append(row)
-    return rows
+    return rows or [[]]  # only empty documents: one empty row
 
 
 def collate_pretrain_packed(batch, max_len, pad_id=0, min_piece=None):
@@ -825,8 +825,9 @@ def pack_report(lengths=None, estimates=None, label="", batch_sizes=(16, 32), ma
     synthetic MiniMind-shaped ones whose estimates are off by a lognormal factor (sigma `noise`; chats measured
     0.05-0.1 for bytes vs tokens). Pretraining packs with collate_pretrain_packed (documents may be split: the last
     column is the share of tokens in later pieces), the other stages with collate_packed."""
-    source = "a sample of the file" if lengths else f"synthetic, length estimates off by sigma {noise}"
-    print(f"real tokens / computed positions ({source}; {batches} micro-batches each)")
+    source = (f"{len(lengths)} random records of the file" if lengths else
+              f"synthetic, length estimates off by sigma {noise}; {batches} micro-batches each")
+    print(f"real tokens / computed positions ({source})")
     print("lengths   B  max_len  padded  packed  sorted+padded  sorted+packed  grouped+packed  split pieces")
     for kind in ([label] if lengths else ["pretrain", "sft"]):
         split = kind == "pretrain"

@@ -289,7 +289,9 @@ def skewed_dpo(path):
     return path
 
 
-STAGES = {  # script, extra args (8 samples = one global batch; --grad_clip 0 so the probe sees the raw gradient)
+# script, extra args (8 samples = one global batch; --grad_clip 0 so the probe sees the raw gradient). The stages'
+# defaults --pack 1 --group_by_length 1 apply: 8 x 1, 4 x 2 and 2 ranks x 4 pack their micro-batches differently
+STAGES = {
     "sft": (SFT, ["--from_weight", "none"]),
     "dpo": (DPO, ["--from_weight", "none", "--loss_type", "sigmoid"]),
     "distillation": (DIST, ["--student_hidden_size", "64", "--student_num_layers", "2", "--from_student_weight",

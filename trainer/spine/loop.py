@@ -289,6 +289,10 @@ class TrainLoop:
         self.start_epoch, self.skip_samples = ckp["epoch"], ckp["samples"]
         # the order the interrupted epoch was grouped by (older files: ungrouped), so it continues exactly
         self.resumed_order = ckp.get("data_order", {"group_size": 0, "width": 0})
+        if self.skip_samples and self.resumed_order != self.order:
+            Logger(f"NOTE: the interrupted epoch continues in the order it started with ({self.resumed_order}, "
+                   f"now {self.order}: batch size, --pack, --group_by_length or --max_seq_len changed); "
+                   "the next epochs use the current flags")
         self.global_step, self.opt_step = ckp.get("global_step", 0), ckp.get("opt_step", 0)
         self.bad_steps, self.empty_windows = ckp.get("bad_steps", 0), ckp.get("empty_windows", 0)
         Logger(f"resumed from {path}: step {self.opt_step}, epoch {self.start_epoch + 1}, {self.skip_samples} "
