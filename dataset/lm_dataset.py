@@ -40,18 +40,33 @@ block and tool calls) and the turn's end token <|im_end|>; the header "<|im_star
 <|im_end|> are not supervised. Spans are found in the rendered string by the ChatML markers and mapped to tokens with
 the tokenizer's offset mapping, so any ChatML tokenizer works (--tokenizer_path), not only ours.
 
-Batches: collate_lm / collate_dpo pad each sequence to the batch's longest; collate_packed / collate_dpo_packed
-(bind max_len with functools.partial) pack the micro-batch's sequences into as few rows of width <= max_len as
-best-fit decreasing finds, with position_ids restarting at 0 per sequence (the model then attends within each
-sequence only) and the first label of every sequence set to -100, so a packed batch trains exactly like the padded
-one while computing fewer pad positions. Real tokens / computed positions (--pack_report: synthetic MiniMind-shaped
-lengths, batch 16 / 32): SFT padded 45% / 44% -> packed 91% / 95% at max_len 340 (36% / 33% -> 90% / 94% at 512);
-pretrain (about half of pretrain_hq's lines cut at 340) padded 87.5% -> packed 88.5% / 89%. Per micro-batch, best
-fit cannot reach 95% at these batch sizes: the last row of each micro-batch is partly empty, and pretrain lines of
-200-340 tokens do not pair up within 340. max_len = batch_size * max_seq_len puts a micro-batch into one row (100%
-real tokens), which pays off only with variable-length attention kernels.
+Batches: collate_lm / collate_dpo pad each sequence to the batch's longest. collate_packed / collate_dpo_packed
+(bind max_len with functools.partial; the scripts' --pack 1) pack the micro-batch's whole sequences into rows of
+width <= max_len (best-fit decreasing at the row width that computes the fewest positions), with position_ids
+restarting at 0 per sequence (the model then attends within each sequence only) and the first label of every
+sequence set to -100, so a packed batch trains exactly like the padded one while computing fewer pad positions.
+collate_pretrain_packed (pretraining only) fills rows of exactly max_len: a document that does not fit the rest of a
+row may continue in the next one as a segment of its own (split_pack says where and why). Per micro-batch, whole
+sequences cannot reach 95% real tokens at batch 16: the last row of each micro-batch is partly empty, and a random
+batch of lengths leaves gaps. The length-grouped sampler (trainer SkipBatchSampler, --group_by_length 1) closes the
+gap: group_by_length pre-packs chunks of 64 micro-batches by the records' byte lengths (the `lengths` every dataset
+exposes, read at start-up for free), so each micro-batch holds samples that fill rows together.
+
+Real tokens / computed positions (python dataset/lm_dataset.py --pack_report: synthetic MiniMind-shaped lengths,
+byte-length estimates off by a lognormal factor of sigma 0.1; 640 micro-batches each):
+    SFT (sft_512-like), batch 16 / 32   max_len 340: padded 44.9% / 43.4%, packed 91.9% / 95.0%,
+                                        grouped + packed 95.2% / 95.8%
+                                        max_len 512: padded 36.4% / 32.5%, packed 93.7% / 95.3%,
+                                        grouped + packed 95.4% / 95.9%
+    pretrain (half cut at 340)          max_len 340: padded 87.5% / 87.4%, packed (split) 96.0% / 97.5%
+                                        max_len 512: padded 67.5% / 66.5%, packed (split) 94.9% / 97.1%
+Grouping by sorting (--pack 0 --group_by_length 1) gives SFT 84-88% with padding; sorted blocks packed give 92-93%,
+hardly better than no grouping, because blocks of look-alike (but mis-estimated) lengths leave a gap in every row;
+hence the pre-packing. Estimates off by sigma 0 / 0.05 / 0.2 (--noise): grouped + packed 98.4-99.1% / 96.7-97.0% /
+93.9-95.1%.
 """
 import argparse
+import bisect
 import json
 import math
 import os
@@ -69,6 +84,9 @@ ASSISTANT_HEADER = "<|im_start|>assistant\n"
 TURN_END = "<|im_end|>"
 ROLES = {"system", "user", "assistant", "tool"}
 SHOW_BAD = 5  # bad lines quoted in the start-up error
+# JSONL bytes per token when no record was tokenized at start-up: chats mixing Chinese, English and markdown, rendered
+# with this repo's tokenizer, measured 2.9-3.1 (Chinese-only text ~2.2, English ~2.4, plus the JSON keys)
+BYTES_PER_TOKEN = 3.0
 
 DATA_HELP = ("The real datasets are MiniMind's (ModelScope gongjy/minimind_dataset or Hugging Face "
              "jingyaogong/minimind_dataset): pretrain_hq.jsonl, sft_mini_512.jsonl, sft_512.jsonl, dpo.jsonl, "
@@ -118,7 +136,7 @@ class JsonlFile:
             raise DataFormatError(f"{self.path} is a directory, not a JSONL file{hint}; pass the .jsonl file itself")
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"Data file not found: {self.path}\n{DATA_HELP}")
-        self.offsets, bad, n_bad, n_lines = self._scan()
+        self.offsets, self.lengths, bad, n_bad, n_lines = self._scan()
         self.skipped = n_bad
         if n_bad and not skip_bad_lines:
             raise DataFormatError(self._bad_report(bad, n_bad, n_lines) + "\nFix or remove these lines, or pass "
@@ -133,8 +151,9 @@ class JsonlFile:
         self._handle, self._pid = None, None
 
     def _scan(self):
-        """One pass: offsets of the good lines; the first SHOW_BAD bad ones as (line, what); counts."""
-        offsets, bad, n_bad, n_good = array("q"), [], 0, 0
+        """One pass: offsets and byte lengths of the good lines; the first SHOW_BAD bad ones as (line, what); counts.
+        The byte lengths (int32, 4 bytes a record) are the length-grouped sampler's free estimate of token lengths."""
+        offsets, lengths, bad, n_bad, n_good = array("q"), array("i"), [], 0, 0
         loads, check = json.loads, self.check
         pos = lineno = 0
         with open(self.path, "rb") as f:
@@ -163,7 +182,8 @@ class JsonlFile:
                     continue
                 n_good += 1
                 offsets.append(start)
-        return offsets, bad, n_bad, lineno
+                lengths.append(min(pos - start, 2**31 - 1))
+        return offsets, lengths, bad, n_bad, lineno
 
     def _bad_report(self, bad, n_bad, n_lines):
         lines = "".join(f"\n  {self.path}:{lineno}: {what}" for lineno, what in bad)
@@ -366,15 +386,21 @@ def num_targets(labels):
 # Datasets
 
 class JsonlDataset(Dataset):
-    """Shared part of the datasets: a checked, lazily read JSONL file, the tokenizer and max_length."""
+    """Shared part of the datasets: a checked, lazily read JSONL file, the tokenizer and max_length.
+
+    `lengths` (the records' JSONL byte lengths) divided by `bytes_per_token` estimates each sample's token count
+    without tokenizing anything: the length-grouped sampler's input. bytes_per_token is the median over the start-up
+    sample's records that max_length did not cut (BYTES_PER_TOKEN when nothing was sampled)."""
 
     expected = "{...}"  # record format, quoted in error messages
     check = None  # record check (a module-level function)
+    sequences = 1  # token sequences per sample (DPO: chosen and rejected)
 
     def __init__(self, path, tokenizer, max_length, skip_bad_lines=False, target_sample=1000):
         self.file = JsonlFile(path, self.expected, type(self).check, skip_bad_lines)
         self.skipped_lines = self.file.skipped
         self.tokenizer, self.max_length = tokenizer, max_length
+        self.bytes_per_token = BYTES_PER_TOKEN
         self.no_target_sample = self.count_no_target(target_sample)
 
     def __len__(self):
@@ -387,15 +413,29 @@ class JsonlDataset(Dataset):
         except BadRecord as e:
             raise self.file.error(index, str(e)) from None
 
+    @property
+    def lengths(self):
+        """Byte length of each record's line, an int32 tensor sharing the scan's array (no copy)."""
+        return torch.frombuffer(self.file.lengths, dtype=torch.int32)
+
     def make_item(self, record):
         raise NotImplementedError
 
     def count_no_target(self, sample_size):
-        """(found, sampled): records of a seeded random sample left with no target token by max_length."""
+        """(found, sampled): records of a seeded random sample left with no target token by max_length. The same
+        sample calibrates bytes_per_token."""
         if not sample_size or not hasattr(self, "targets_of"):
             return None
         picks = random.Random(0).sample(range(len(self)), min(sample_size, len(self)))
-        found = sum(1 for i in picks if self.targets_of(self[i]) == 0)
+        found, ratios = 0, []
+        for i in picks:
+            item = self[i]
+            found += self.targets_of(item) == 0
+            seqs = self.seq_lengths(item)
+            if 0 < max(seqs) < self.max_length:  # not cut: the line's bytes describe these tokens
+                ratios.append(self.file.lengths[i] / sum(seqs))
+        if ratios:
+            self.bytes_per_token = sorted(ratios)[len(ratios) // 2]
         if found:
             n = len(self)
             share = (f"{found} of the {n} records" if len(picks) == n else
@@ -436,6 +476,10 @@ class PretrainDataset(JsonlDataset):
     def targets_of(item):
         return item["supervised"]
 
+    @staticmethod
+    def seq_lengths(item):
+        return [len(item["input_ids"])]
+
 
 class SFTDataset(JsonlDataset):
     """Conversations rendered with the chat template; only assistant content + <|im_end|> is supervised."""
@@ -455,12 +499,17 @@ class SFTDataset(JsonlDataset):
     def targets_of(item):
         return item["supervised"]
 
+    @staticmethod
+    def seq_lengths(item):
+        return [len(item["input_ids"])]
+
 
 class DPODataset(JsonlDataset):
     """Preference pairs; each side is tokenized and masked like SFT."""
 
     expected = '{"chosen": ' + MESSAGES_FORMAT + ', "rejected": [...same prompt, another answer]}'
     check = check_dpo
+    sequences = 2
 
     def __init__(self, path, tokenizer, max_length=4096, skip_bad_lines=False, target_sample=1000):
         super().__init__(path, tokenizer, max_length, skip_bad_lines, target_sample)
@@ -478,6 +527,10 @@ class DPODataset(JsonlDataset):
     def targets_of(item):
         """A pair trains only if both sides keep a target token."""
         return min(item["chosen_supervised"], item["rejected_supervised"])
+
+    @staticmethod
+    def seq_lengths(item):
+        return [len(item["chosen_input_ids"]), len(item["rejected_input_ids"])]
 
 
 class RLAIFDataset(JsonlDataset):
@@ -552,55 +605,88 @@ def collate_rl(batch):
 # ------------------------------------------------------------------------------------------------------------------
 # Collate functions: packing (use functools.partial(collate_packed, max_len=...) as the DataLoader's collate_fn)
 
+MIN_PIECE = 32  # collate_pretrain_packed splits a document only where both pieces keep this many tokens
+GROUP_CHUNK = 64  # length grouping regroups the sampler's order in chunks of GROUP_CHUNK micro-batches
+GROUP_FILL = 0.95  # and pre-packs them into rows this full (estimated lengths are noisy: leave some slack)
+
+
 def best_fit_decreasing(lengths, capacity):
     """Bins of indices with sum(lengths) <= capacity: longest first, each into the fullest bin it still fits
-    (ties -> lower index, so the result depends on the input only)."""
-    bins, free = [], []
+    (ties -> lower index, so the result depends on the input only). O(n log n): the bins' free space is kept sorted."""
+    bins, free = [], []  # free: sorted (space left, bin index)
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         n = lengths[i]
         if n > capacity:
             raise ValueError(f"a sample of {n} tokens does not fit a packed row of {capacity}; the dataset's "
                              f"max_length must not exceed the packing width")
-        fits = [b for b in range(len(bins)) if free[b] >= n]
-        if fits:
-            b = min(fits, key=lambda b: free[b])
+        k = bisect.bisect_left(free, (n, -1))  # the bin with the least room that still fits n
+        if k < len(free):
+            space, b = free.pop(k)
             bins[b].append(i)
-            free[b] -= n
+            bisect.insort(free, (space - n, b))
         else:
             bins.append([i])
-            free.append(capacity - n)
+            bisect.insort(free, (capacity - n, len(bins) - 1))
     return bins
+
+
+def pack_rows(lengths, max_len):
+    """(rows, width): best-fit decreasing into the cheapest rows x width, trying row capacities from the longest
+    sample up to max_len in steps of 8 and the widths ceil(total / r) that r full rows would have (ties -> the
+    narrower rows, whose attention costs less). With many samples of similar length, a capacity below max_len often
+    fills every row (e.g. 16 samples of ~110 tokens: 8 rows of 2 at width ~220 instead of 6 rows of 3 at ~340, the
+    last one a third full)."""
+    longest, total = max(max(lengths), 1), sum(lengths)
+    full_rows = {-(-total // r) for r in range(1, len(lengths) + 1)}
+    best = None
+    for cap in sorted({*range(longest, max_len, 8), max_len, *(w for w in full_rows if longest <= w < max_len)}):
+        if best is not None and max(total, -(-total // cap) * longest) >= best[0]:
+            continue  # cannot beat the best: at least ceil(total / cap) rows, each at least `longest` wide
+        rows = best_fit_decreasing(lengths, cap)
+        width = max(sum(lengths[i] for i in r) for r in rows)
+        if best is None or len(rows) * width < best[0]:
+            best = (len(rows) * width, rows, width)
+    return best[1], best[2]
 
 
 def pack(ids, labels, max_len, pad_id):
     """Sequences packed into rows (see collate_packed); also returns sample_index (sequence number, -1 on pads)."""
-    bins = best_fit_decreasing([len(s) for s in ids], max_len)
-    width = max(sum(len(ids[i]) for i in b) for b in bins)
-    shape = (len(bins), width)
+    rows, width = pack_rows([len(s) for s in ids], max_len)
+    return fill_rows([[(i, 0, len(ids[i])) for i in r] for r in rows], width, ids, labels, pad_id)
+
+
+def fill_rows(rows, width, ids, labels, pad_id):
+    """Tensors for rows of pieces (sequence i, start, end): each piece is a segment (positions from 0, first label
+    -100: nothing before it in the row is its context), the rest of a row is padding (a segment of its own).
+    "supervised" counts each sequence's targets over its pieces."""
+    shape = (len(rows), width)
     out_ids, out_labels = torch.full(shape, pad_id, dtype=torch.long), torch.full(shape, -100, dtype=torch.long)
     mask, positions = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
     index = torch.full(shape, -1, dtype=torch.long)
+    supervised = [0] * len(ids)
     arange = torch.arange(width)
-    for r, b in enumerate(bins):
+    for r, pieces in enumerate(rows):
         p = 0
-        for i in b:
-            n = len(ids[i])
+        for i, a, b in pieces:
+            n = b - a
             if n == 0:
                 continue
-            out_ids[r, p:p + n], out_labels[r, p:p + n] = ids[i], labels[i]
-            out_labels[r, p] = -100  # the previous sequence's last token does not predict this one's first
+            out_ids[r, p:p + n], out_labels[r, p:p + n] = ids[i][a:b], labels[i][a:b]
+            out_labels[r, p] = -100  # the previous segment's last token does not predict this one's first
             mask[r, p:p + n], positions[r, p:p + n], index[r, p:p + n] = 1, arange[:n], i
+            supervised[i] += num_targets(out_labels[r, p:p + n])
             p += n
         positions[r, p:] = arange[:width - p]  # the padding is a segment of its own
     return {"input_ids": out_ids, "labels": out_labels, "attention_mask": mask, "position_ids": positions,
-            "sample_index": index, "supervised": supervised_of(labels)}
+            "sample_index": index, "supervised": torch.tensor(supervised, dtype=torch.long)}
 
 
 def collate_packed(batch, max_len, pad_id=0):
-    """Pack a micro-batch of {input_ids, labels} into as few rows of width <= max_len as best-fit decreasing finds,
-    padded to the longest row. position_ids restart at 0 for every sample (and for the padding at a row's end), so
-    the model attends within each sample only; each sample's first label is -100 (it is not a target of the sample
-    before it). Targets equal collate_lm's. "supervised" [B] is per sample, in batch order."""
+    """Pack a micro-batch of {input_ids, labels} into rows of width <= max_len (pack_rows: best-fit decreasing at
+    the row width that computes the fewest positions), padded to the longest row. position_ids restart at 0 for every
+    sample (and for the padding at a row's end), so the model attends within each sample only; each sample's first
+    label is -100 (it is not a target of the sample before it). Targets equal collate_lm's. "supervised" [B] is per
+    sample, in batch order."""
     out = pack([b["input_ids"] for b in batch], [b["labels"] for b in batch], max_len, pad_id)
     del out["sample_index"]  # the contract carries it for DPO only; LM losses are per token
     return out
@@ -612,6 +698,73 @@ def collate_dpo_packed(batch, max_len, pad_id=0):
     sums over sample_index groups. "supervised" [2B] is per sequence."""
     ids, labels = dpo_sequences(batch)
     return pack(ids, labels, max_len, pad_id)
+
+
+def split_pack(lengths, max_len, min_piece=None):
+    """Rows of pieces (document, start, end) for pretraining: every row but the last is exactly max_len full.
+
+    A row takes the longest document that fits its room, again and again (best fit, whole documents first). When
+    none fits, the shortest document that leaves both pieces >= min_piece tokens is split: its head ends the row,
+    its tail goes back into the pool as a document of its own (nanochat crops documents the same way but drops the
+    tail). If no document can be split so, the room stays padding. min_piece None = min(MIN_PIECE, max_len // 8)."""
+    if min_piece is None:
+        min_piece = min(MIN_PIECE, max(max_len // 8, 1))
+    if max(lengths) > max_len:
+        raise ValueError(f"a document of {max(lengths)} tokens does not fit a packed row of {max_len}")
+    pool = sorted(((n, i, 0) for i, n in enumerate(lengths) if n > 0), key=lambda p: (-p[0], p[1]))
+    rows = []
+    while pool:
+        row, room = [], max_len
+        while pool and room:
+            k = next((k for k, p in enumerate(pool) if p[0] <= room), None)
+            if k is not None:  # the longest piece that fits
+                n, i, a = pool.pop(k)
+                row.append((i, a, a + n))
+                room -= n
+                continue
+            if room < min_piece:
+                break
+            k = next((k for k in range(len(pool) - 1, -1, -1) if pool[k][0] - room >= min_piece), None)
+            if k is None:
+                break
+            n, i, a = pool.pop(k)  # the shortest piece that splits into two of >= min_piece
+            row.append((i, a, a + room))
+            bisect.insort(pool, (n - room, i, a + room), key=lambda p: (-p[0], p[1], p[2]))
+            room = 0
+        rows.append(row)
+    return rows or [[]]  # only empty documents: one empty row
+
+
+def collate_pretrain_packed(batch, max_len, pad_id=0, min_piece=None):
+    """Pretraining documents packed into rows of max_len (split_pack): only the micro-batch's last row is partly
+    padding. A document that does not fit the rest of a row may continue in the next row; each piece is its own
+    segment (positions from 0, attention within the piece, its first label -100), so the tail piece is predicted
+    without the head's context and one target (its first token) is lost per split."""
+    ids, labels = [b["input_ids"] for b in batch], [b["labels"] for b in batch]
+    rows = split_pack([len(s) for s in ids], max_len, min_piece)
+    out = fill_rows(rows, max(sum(b - a for _, a, b in r) for r in rows), ids, labels, pad_id)
+    del out["sample_index"]
+    return out
+
+
+def group_by_length(indices, lengths, block, width, rng):
+    """One chunk of the sampler's order, regrouped so that each run of `block` consecutive samples batches well.
+
+    indices: the chunk's samples in the seeded order; lengths: their estimated lengths (same unit as width).
+    width 0 (padded batches): sorted by length, so a block holds similar lengths. width > 0 (packed batches): the
+    chunk is packed into rows of `width` by best-fit decreasing on the estimates and the rows are laid out one after
+    another, so a block holds samples that fill rows together. (Sorting makes blocks of look-alike lengths, which
+    pack no better than random blocks once lengths are estimates: --pack_report.) The full blocks are shuffled with rng;
+    a short last block stays last, so every block of a full chunk starts at a multiple of `block`."""
+    if width:
+        rows = best_fit_decreasing([min(n, width) for n in lengths], width)
+        flat = [indices[j] for r in rows for j in r]
+    else:
+        flat = [indices[j] for j in sorted(range(len(indices)), key=lambda j: (lengths[j], j))]
+    full = len(flat) // block
+    blocks = [flat[k * block:(k + 1) * block] for k in range(full)]
+    rng.shuffle(blocks)
+    return [i for b in blocks for i in b] + flat[full * block:]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -626,49 +779,99 @@ def synthetic_lengths(kind, n, max_len, rng):
     return [min(max(int(rng.lognormvariate(math.log(median), sigma)), 16), 512, max_len) for _ in range(n)]
 
 
-def real_token_fraction(lengths, batch_size, width):
-    """(padded, packed) real tokens / computed positions over consecutive micro-batches of `lengths`."""
+def real_token_fraction(lengths, batch_size, width, split=False):
+    """(padded, packed) real tokens / computed positions over consecutive micro-batches of `lengths`; packed =
+    collate_packed's rows (pack_rows, width <= `width`), or collate_pretrain_packed's with split=True."""
     real = padded = packed = 0
     for k in range(0, len(lengths) - batch_size + 1, batch_size):
         chunk = lengths[k:k + batch_size]
-        rows = best_fit_decreasing(chunk, width)
         real += sum(chunk)
         padded += batch_size * max(chunk)
-        packed += len(rows) * max(sum(chunk[i] for i in r) for r in rows)
+        if split:
+            rows = split_pack(chunk, width)
+            packed += len(rows) * max(sum(b - a for _, a, b in r) for r in rows)
+        else:
+            rows, w = pack_rows(chunk, width)
+            packed += len(rows) * w
     return real / padded, real / packed
 
 
-def pack_report(lengths=None, label="", batch_sizes=(16, 32, 64), max_lens=(340, 512), batches=300, seed=0):
-    """Real tokens / computed positions of padded and packed micro-batches (rows of width max_len, and of 2 x max_len
-    for comparison): on `lengths` (untruncated token lengths, in sampler order) or on synthetic MiniMind-shaped ones."""
-    print("lengths   B  max_len  padded  packed(w=max_len)  packed(w=2*max_len)")
+def split_share(lengths, batch_size, max_len):
+    """Share of the tokens that collate_pretrain_packed puts in a split document's later pieces (they lose the
+    context of the pieces before them)."""
+    cut = 0
+    for k in range(0, len(lengths) - batch_size + 1, batch_size):
+        cut += sum(b - a for r in split_pack(lengths[k:k + batch_size], max_len) for _, a, b in r if a > 0)
+    return cut / sum(lengths[:len(lengths) // batch_size * batch_size])
+
+
+def grouped(lengths, estimates, batch_size, width, seed=0):
+    """`lengths` in the order the length-grouped sampler yields them to one rank (SkipBatchSampler's chunks, with
+    `estimates` in place of the byte lengths and `width` in their unit; 0 = sort by length)."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    chunk, out = GROUP_CHUNK * batch_size, []
+    for c in range(0, len(order), chunk):
+        part = order[c:c + chunk]
+        out += group_by_length(part, [estimates[i] for i in part], batch_size, width, random.Random(c))
+    return [lengths[i] for i in out]
+
+
+def pack_report(lengths=None, estimates=None, label="", batch_sizes=(16, 32), max_lens=(340, 512), batches=640,
+                noise=0.1, seed=0):
+    """Real tokens / computed positions of padded, packed and length-grouped micro-batches (sorted: --pack 0's
+    grouping; grouped: --pack 1's pre-packed grouping), on `lengths` (untruncated
+    token lengths of a file's records, `estimates` their byte lengths over the median bytes per token) or on
+    synthetic MiniMind-shaped ones whose estimates are off by a lognormal factor (sigma `noise`; chats measured
+    0.05-0.1 for bytes vs tokens). Pretraining packs with collate_pretrain_packed (documents may be split: the last
+    column is the share of tokens in later pieces), the other stages with collate_packed."""
+    source = (f"{len(lengths)} random records of the file" if lengths else
+              f"synthetic, length estimates off by sigma {noise}; {batches} micro-batches each")
+    print(f"real tokens / computed positions ({source})")
+    print("lengths   B  max_len  padded  packed  sorted+padded  sorted+packed  grouped+packed  split pieces")
     for kind in ([label] if lengths else ["pretrain", "sft"]):
+        split = kind == "pretrain"
         for max_len in max_lens:
             for b in batch_sizes:
-                sample = ([min(n, max_len) for n in lengths] if lengths else
-                          synthetic_lengths(kind, b * batches, max_len, random.Random(seed)))
-                pad, packed = real_token_fraction(sample, b, max_len)
-                _, packed2 = real_token_fraction(sample, b, 2 * max_len)
-                print(f"{kind:8} {b:3} {max_len:8} {pad:7.1%} {packed:18.1%} {packed2:20.1%}")
+                if lengths:
+                    sample, est = [min(n, max_len) for n in lengths], estimates
+                else:
+                    rng = random.Random(seed)
+                    raw = synthetic_lengths(kind, b * batches, 1 << 30, rng)
+                    sample = [min(n, max_len) for n in raw]
+                    est = [n * math.exp(rng.gauss(0, noise)) for n in raw]
+                pad, packed = real_token_fraction(sample, b, max_len, split)
+                s_pad, s_packed = real_token_fraction(grouped(sample, est, b, 0), b, max_len, split)
+                _, g_packed = real_token_fraction(grouped(sample, est, b, GROUP_FILL * max_len), b, max_len, split)
+                cut = f"{split_share(sample, b, max_len):12.1%}" if split else ""
+                print(f"{kind:8} {b:3} {max_len:8} {pad:7.1%} {packed:7.1%} {s_pad:14.1%} {s_packed:14.1%} "
+                      f"{g_packed:15.1%} {cut}")
 
 
 def file_lengths(path, kind, tokenizer_path, n=20000, seed=0):
-    """Untruncated token lengths of up to n random records of a real file (in random order, like the sampler)."""
+    """(untruncated token lengths, token lengths estimated from the byte lengths as the sampler does) of up to n
+    random records of a real file."""
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     cls = PretrainDataset if kind == "pretrain" else SFTDataset
     ds = cls(path, tokenizer, max_length=1 << 30, target_sample=0)
     picks = random.Random(seed).sample(range(len(ds)), min(n, len(ds)))
-    return [len(ds[i]["input_ids"]) for i in picks]
+    tokens, size = [len(ds[i]["input_ids"]) for i in picks], [int(ds.lengths[i]) for i in picks]
+    per_token = sorted(b / max(t, 1) for b, t in zip(size, tokens))[len(tokens) // 2]
+    return tokens, [b / per_token for b in size]
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Dataset utilities")
-    parser.add_argument("--pack_report", action="store_true", help="real-token fraction, padded vs packed batches")
+    parser.add_argument("--pack_report", action="store_true",
+                        help="real-token fraction of padded, packed and length-grouped batches")
     parser.add_argument("--data_path", help="measure on a random sample of this file (default: synthetic lengths)")
     parser.add_argument("--kind", choices=["pretrain", "sft"], default="sft", help="dataset class for --data_path")
+    parser.add_argument("--noise", type=float, default=0.1,
+                        help="synthetic lengths: sigma of the lognormal error of the byte-length estimates")
     parser.add_argument("--tokenizer_path", default=os.path.join(os.path.dirname(__file__), "..", "model"))
     args = parser.parse_args()
     if args.pack_report:
-        lengths = file_lengths(args.data_path, args.kind, args.tokenizer_path) if args.data_path else None
-        pack_report(lengths, label=args.kind)
+        lengths, estimates = file_lengths(args.data_path, args.kind, args.tokenizer_path) if args.data_path \
+            else (None, None)
+        pack_report(lengths, estimates, label=args.kind, noise=args.noise)

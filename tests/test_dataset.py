@@ -4,6 +4,7 @@
 """
 import functools
 import json
+import math
 import os
 import pickle
 import random
@@ -21,9 +22,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from dataset.lm_dataset import (DataFormatError, DPODataset, PretrainDataset, RLAIFDataset, SFTDataset,  # noqa: E402
-                                best_fit_decreasing, collate_dpo, collate_dpo_packed, collate_lm, collate_packed,
-                                collate_rl, real_token_fraction)
+from dataset.lm_dataset import (BYTES_PER_TOKEN, GROUP_FILL, DataFormatError, DPODataset,  # noqa: E402
+                                PretrainDataset, RLAIFDataset, SFTDataset, best_fit_decreasing, collate_dpo,
+                                collate_dpo_packed, collate_lm, collate_packed, collate_pretrain_packed, collate_rl,
+                                group_by_length, grouped, pack_rows, real_token_fraction, split_pack, split_share,
+                                synthetic_lengths)
 
 CHAT = [{"role": "system", "content": "You are terse."},
         {"role": "user", "content": "3+4=?"}, {"role": "assistant", "content": "3+4=7。"},
@@ -220,21 +223,35 @@ def test_best_fit_decreasing_by_hand():
     assert best_fit_decreasing([3, 3, 3], 6) == [[0, 1], [2]]
     with pytest.raises(ValueError, match="does not fit a packed row of 6"):
         best_fit_decreasing([7], 6)
-    # real tokens / computed positions: padded 15 / (5 x 5), packed 15 / (3 rows x 6)
-    assert real_token_fraction([5, 4, 3, 2, 1], 5, 6) == (15 / 25, 15 / 18)
+    assert best_fit_decreasing([4, 4, 3, 3, 2], 6) == [[0, 4], [1], [2, 3]]  # the fullest bin that fits: 4+2, not 3+2
+    # real tokens / computed positions: padded 15 / (5 x 5); packed: rows of capacity 5 hold all 15 in 3 x 5
+    # (capacity 6, the widest allowed, would compute 3 x 6)
+    assert real_token_fraction([5, 4, 3, 2, 1], 5, 6) == (15 / 25, 15 / 15)
+
+
+def test_pack_rows_chooses_the_cheapest_row_width():
+    # 5, 4, 3, 3 (15 tokens) under 9: capacity 9 gives [5,4] [3,3] = 2 x 9 = 18; capacity 8: [5,3] [4,3] = 2 x 8 = 16
+    assert pack_rows([5, 4, 3, 3], 9) == ([[0, 2], [1, 3]], 8)
+    # 4 x 3 under 8: 2 rows of 6 or 4 rows of 3 compute 12 positions each; the narrower rows win (less attention)
+    assert pack_rows([3, 3, 3, 3], 8) == ([[0], [1], [2], [3]], 3)
+    assert pack_rows([3, 3, 2, 2], 8) == ([[0, 2], [1, 3]], 5)  # 2 full rows of 5 (the width of r = 2 full rows)
+    assert pack_rows([7], 9) == ([[0]], 7)
 
 
 def test_collate_packed_by_hand():
     items = [lm_item([10, 11, 12, 13, 14]), lm_item([20, 21, 22, 23], [-100, -100, 22, 23]), lm_item([30, 31, 32]),
              lm_item([40, 41]), lm_item([50])]
-    batch = collate_packed(items, max_len=6)
-    assert batch["input_ids"].tolist() == [[10, 11, 12, 13, 14, 50], [20, 21, 22, 23, 40, 41], [30, 31, 32, 0, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 11, 12, 13, 14, -100], [-100, -100, 22, 23, -100, 41],
-                                        [-100, 31, 32, -100, -100, -100]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
-    assert batch["attention_mask"].tolist() == [[1] * 6, [1] * 6, [1, 1, 1, 0, 0, 0]]
+    batch = collate_packed(items, max_len=6)  # 15 tokens: 3 full rows of 5 (width 6 would leave a third empty)
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 13, 14], [20, 21, 22, 23, 50], [30, 31, 32, 40, 41]]
+    assert batch["labels"].tolist() == [[-100, 11, 12, 13, 14], [-100, -100, 22, 23, -100],
+                                        [-100, 31, 32, -100, 41]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert batch["attention_mask"].tolist() == [[1] * 5] * 3
     assert batch["supervised"].tolist() == [4, 2, 2, 1, 0]
     assert set(batch) == {"input_ids", "labels", "attention_mask", "position_ids", "supervised"}
+    two = collate_packed([items[0], items[2]], max_len=6)  # 5 and 3 do not share a row of 6: pad the 3
+    assert two["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert two["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
 
 
 def segments(batch):
@@ -285,6 +302,100 @@ def test_collate_packed_keeps_every_token_once(batch_size, max_len):
     padded = collate_lm(items, pad_id=7)
     assert target_pairs(ids, labels) == target_pairs(padded["input_ids"], padded["labels"])
     assert torch.equal(batch["supervised"], padded["supervised"])
+
+
+def test_split_pack_by_hand():
+    # rows of 10: 7 + the first 3 of the 6, then 7 + the other 3; no padding at all
+    assert split_pack([7, 7, 6], 10, min_piece=2) == [[(0, 0, 7), (2, 0, 3)], [(1, 0, 7), (2, 3, 6)]]
+    # pieces of at least 4: a room of 3 stays padding and the 6 gets a row of its own
+    assert split_pack([7, 7, 6], 10, min_piece=4) == [[(0, 0, 7)], [(1, 0, 7)], [(2, 0, 6)]]
+    # whole documents first (best fit): 6 + 4 fill a row without a split
+    assert split_pack([6, 5, 4], 10, min_piece=2) == [[(0, 0, 6), (2, 0, 4)], [(1, 0, 5)]]
+    items = [lm_item(range(10, 17)), lm_item(range(20, 27)), lm_item(range(30, 36))]
+    batch = collate_pretrain_packed(items, max_len=10, min_piece=2)
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 13, 14, 15, 16, 30, 31, 32],
+                                           [20, 21, 22, 23, 24, 25, 26, 33, 34, 35]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 0, 1, 2]] * 2
+    assert batch["labels"].tolist() == [[-100, 11, 12, 13, 14, 15, 16, -100, 31, 32],
+                                        [-100, 21, 22, 23, 24, 25, 26, -100, 34, 35]]
+    # the split document keeps 4 of its 5 targets: 33 would need 32 as context, which is in another row
+    assert batch["supervised"].tolist() == [6, 6, 4]
+    assert batch["attention_mask"].tolist() == [[1] * 10] * 2
+
+
+@pytest.mark.parametrize("batch_size,max_len", [(16, 64), (32, 100)])
+def test_collate_pretrain_packed_keeps_every_token_once(batch_size, max_len):
+    rng = random.Random(batch_size)
+    # mostly documents longer than half a row (they cannot pair up whole), some short ones
+    sizes = [rng.randint(1, 10) if rng.random() < 0.2 else rng.randint(max_len // 2, max_len)
+             for _ in range(batch_size)]
+    items = [lm_item([1000 * (s + 1) + k for k in range(n)]) for s, n in enumerate(sizes)]
+    collate = pickle.loads(pickle.dumps(functools.partial(collate_pretrain_packed, max_len=max_len)))
+    batch = collate(items)
+    ids, labels, pos, mask = batch["input_ids"], batch["labels"], batch["position_ids"], batch["attention_mask"]
+    assert ids.shape[1] == max_len
+    pieces = {}
+    for r, a, b in segments(batch):
+        s, first = divmod(int(ids[r, a]), 1000)
+        pieces.setdefault(s - 1, []).append((first, b - a))
+        assert torch.equal(ids[r, a:b], items[s - 1]["input_ids"][first:first + b - a])
+        assert labels[r, a] == -100 and torch.equal(labels[r, a + 1:b], ids[r, a + 1:b])
+        assert torch.equal(pos[r, a:b], torch.arange(b - a))
+    min_piece = min(32, max_len // 8)
+    splits = 0
+    for s, ps in pieces.items():  # each document exactly once, in order, as pieces of >= min_piece
+        ps.sort()
+        assert [f for f, _ in ps] == [sum(n for _, n in ps[:k]) for k in range(len(ps))]
+        assert sum(n for _, n in ps) == len(items[s]["input_ids"])
+        assert len(ps) == 1 or min(n for _, n in ps) >= min_piece
+        splits += len(ps) - 1
+    assert sorted(pieces) == list(range(batch_size)) and splits > 0
+    # a row ends early only where no piece of >= min_piece could fill it; every row but the last is nearly full
+    fill = mask.sum(1).tolist()
+    assert all(n > max_len - 2 * min_piece for n in fill[:-1]) and sum(fill) / mask.numel() > 0.9
+    assert batch["supervised"].sum() == sum(len(it["input_ids"]) - 1 for it in items) - splits
+
+
+def test_group_by_length_blocks():
+    lengths = [9, 8, 2, 1, 5, 5, 3]
+    # packing: best-fit rows of 10 on the estimates, laid out row after row -> blocks of 2 that fill a row each
+    out = group_by_length(list(range(7)), lengths, 2, 10, random.Random(0))
+    blocks = [out[k:k + 2] for k in range(0, 6, 2)]
+    assert sorted(map(sorted, blocks)) == [[0, 3], [1, 2], [4, 5]] and out[6:] == [6]  # a short block stays last
+    assert all(sum(lengths[i] for i in b) == 10 for b in blocks)
+    # padding: sorted by length -> blocks of similar lengths; shuffled, and the same for the same rng seed
+    out = group_by_length(list(range(100, 107)), lengths, 3, 0, random.Random(1))
+    assert sorted(map(sorted, [out[:3], out[3:6]])) == [[101, 104, 105], [102, 103, 106]] and out[6:] == [100]
+    assert out == group_by_length(list(range(100, 107)), lengths, 3, 0, random.Random(1))
+
+
+def test_lengths_are_line_bytes_and_bytes_per_token_is_measured(tok, tmp_path):
+    lines = [json.dumps({"text": "hello world " * k}) for k in (1, 5, 40)]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines[:2]) + "\n\n" + lines[2] + "\n", encoding="utf-8")  # a blank line between
+    ds = PretrainDataset(path, tok, max_length=64)
+    assert ds.lengths.tolist() == [len(line) + 1 for line in lines]  # bytes incl. the newline
+    ratios = [(len(line) + 1) / len(ds[i]["input_ids"]) for i, line in enumerate(lines)
+              if len(ds[i]["input_ids"]) < 64]  # the third text is cut at 64 tokens: left out
+    assert len(ratios) == 2 and ds.bytes_per_token == sorted(ratios)[1]
+    assert PretrainDataset(path, tok, max_length=64, target_sample=0).bytes_per_token == BYTES_PER_TOKEN
+    assert DPODataset(DEMO / "dpo.jsonl", tok, max_length=64).sequences == 2
+
+
+def test_packing_reaches_95_percent_real_tokens_on_minimind_shaped_lengths():
+    """The README's claims, on fewer micro-batches than --pack_report uses (2 grouping chunks of 64)."""
+    for b in (16, 32):
+        rng = random.Random(b)
+        raw = synthetic_lengths("sft", b * 128, 1 << 30, rng)
+        est = [n * math.exp(rng.gauss(0, 0.1)) for n in raw]  # byte-length estimates, 10% off
+        for max_len in (340, 512):
+            sft = [min(n, max_len) for n in raw]
+            padded, packed = real_token_fraction(sft, b, max_len)
+            _, grouped_packed = real_token_fraction(grouped(sft, est, b, GROUP_FILL * max_len), b, max_len)
+            assert padded < 0.5 and grouped_packed >= 0.95, (b, max_len, packed, grouped_packed)
+        pre = synthetic_lengths("pretrain", b * 128, 340, rng)
+        padded, packed = real_token_fraction(pre, b, 340, split=True)
+        assert padded < 0.9 and packed >= 0.95 and split_share(pre, b, 340) < 0.1, (b, padded, packed)
 
 
 def test_dpo_collates_carry_sample_index(tok):

@@ -123,6 +123,25 @@ def test_weighted_loss_equals_hand_computed_mean():
     assert tag_positions(labels, tag)[1].tolist() == [False, True, True, False, False, True, True, False, False]
 
 
+def test_packed_batch_gives_the_padded_weighted_loss_and_units():
+    from dataset.lm_dataset import collate_lm, collate_packed
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    tok = load_tokenizer(ROOT / "model")
+    items = [SFTDataset(DEMO / "reason.jsonl", tok, max_length=96, target_sample=0)[i] for i in range(8)]
+    seqs = tag_id_sequences(tok)
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2))
+    results = []
+    for batch in (collate_lm(items), collate_packed(items, max_len=192)):
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch.get("position_ids")).logits
+        units = tag_weights(batch["labels"][:, 1:], seqs, 10.0).sum()  # the loop's unit count for this stage
+        results.append((units, *tag_weighted_ce(logits, batch["labels"], seqs, 10.0)))
+    assert results[0][3].item() > 0  # tags were found and weighted
+    for packed, padded in zip(results[1], results[0]):  # units, loss, ce, tag fraction
+        torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
+
+
 def _from_dpo(folder):
     """The stage starts from dpo: the tiny SFT model stands in for it."""
     for ext in (".pth", ".json"):

@@ -67,6 +67,26 @@ def test_loss_equals_hand_computed_alpha_ce_plus_t2_kl():
     assert all(x.item() == 0 for x in empty)
 
 
+def test_packed_batch_gives_the_padded_losses_with_the_same_positions_for_both_models():
+    from dataset.lm_dataset import SFTDataset, collate_lm, collate_packed
+    from trainer.trainer_utils import load_tokenizer, root_path
+    items = [SFTDataset(DEMO / "sft.jsonl", load_tokenizer(root_path("model")), max_length=64, target_sample=0)[i]
+             for i in range(8)]
+    torch.manual_seed(0)
+    student = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2))
+    teacher = MiniMindForCausalLM(MiniMindConfig(hidden_size=96, num_hidden_layers=3, use_moe=True)).eval()
+    losses = []
+    for batch in (collate_lm(items), collate_packed(items, max_len=128)):
+        fwd = dict(attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids"))
+        with torch.no_grad():
+            t = teacher(batch["input_ids"], **fwd).logits
+        losses.append(distillation_loss(student(batch["input_ids"], **fwd).logits, t, batch["labels"], 0.3, 2.0))
+        assert batch["input_ids"].shape[0] < 8 or "position_ids" not in batch
+    for packed, padded in zip(*reversed(losses)):  # loss, ce, kd
+        torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
+    assert losses[0][2].item() > 0.01  # the teacher differs from the student: the KD term is really compared
+
+
 def test_bigger_teacher_trains_the_student_and_resumes(sft_copy):
     _save_teacher(sft_copy)
     common = [*STUDENT, *TEACHER, *dirs(sft_copy), "--log_interval", "2", "--learning_rate", "1e-4"]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEMO, TINY, read_metrics, run_script, run_torchrun
-from dataset.lm_dataset import DPODataset, collate_dpo
+from dataset.lm_dataset import DPODataset, collate_dpo, collate_dpo_packed
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.train_dpo import dpo_loss, sequence_logps, token_logps
 from trainer.trainer_utils import load_tokenizer, root_path
@@ -51,7 +51,8 @@ def test_sequence_logps_sum_or_mean_of_the_answer_tokens(loss_type):
     labels[2, 4:] = torch.tensor([7, 8])  # rejected 0: 2
     labels[3, 1:] = torch.tensor([9, 10, 0, 1, 2])  # rejected 1: 5
     normalize = loss_type == "sigmoid_norm"
-    got, n_tokens = sequence_logps(logits, labels, normalize)
+    rows = torch.arange(4)[:, None].expand(4, 6)  # collate_dpo: one sequence per row
+    got, n_tokens = sequence_logps(logits, labels, rows, 4, normalize)
     logp = F.log_softmax(logits, dim=-1)
     for i in range(4):
         # label at position t is predicted by the logits at t-1
@@ -107,22 +108,54 @@ def test_one_optimizer_step_raises_the_margin_on_its_batch(loss_type):
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     normalize = loss_type == "sigmoid_norm"
 
+    seqs = (batch["sample_index"], 8, normalize)
+
     def margin():
         with torch.no_grad():
-            pol, n = sequence_logps(policy(batch["input_ids"]).logits, batch["labels"], normalize)
-            r, _ = sequence_logps(ref(batch["input_ids"]).logits, batch["labels"], normalize)
+            pol, n = sequence_logps(policy(batch["input_ids"]).logits, batch["labels"], *seqs)
+            r, _ = sequence_logps(ref(batch["input_ids"]).logits, batch["labels"], *seqs)
             return dpo_loss(pol, r, 0.1, n)
 
     loss0, m0 = margin()
     assert loss0.item() == pytest.approx(math.log(2)) and m0["reward_margin"].item() == 0  # policy == ref
-    pol, n = sequence_logps(policy(batch["input_ids"]).logits, batch["labels"], normalize)
+    pol, n = sequence_logps(policy(batch["input_ids"]).logits, batch["labels"], *seqs)
     with torch.no_grad():
-        r, _ = sequence_logps(ref(batch["input_ids"]).logits, batch["labels"], normalize)
+        r, _ = sequence_logps(ref(batch["input_ids"]).logits, batch["labels"], *seqs)
     dpo_loss(pol, r, 0.1, n)[0].backward()
     opt.step()
     loss1, m1 = margin()
     assert m1["reward_margin"].item() > 0 and loss1.item() < loss0.item()
     assert m1["reward_accuracy"].item() > 0.5
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid_norm", "sigmoid"])
+def test_packed_batch_gives_the_padded_batch_loss_metrics_and_gradient(loss_type):
+    tok = load_tokenizer(root_path("model"))
+    items = [DPODataset(DEMO / "dpo.jsonl", tok, max_length=64, target_sample=0)[i] for i in range(6)]
+    cfg = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         headwise_attn_output_gate=True)
+    torch.manual_seed(0)
+    policy, ref = MiniMindForCausalLM(cfg), MiniMindForCausalLM(cfg).eval()  # different weights: rewards != 0
+    normalize = loss_type == "sigmoid_norm"
+    results = []
+    for batch in (collate_dpo(items), collate_dpo_packed(items, max_len=128)):
+        fwd = dict(attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids"))
+        seqs = (batch["sample_index"], 12, normalize)
+        pol, n = sequence_logps(policy(batch["input_ids"], **fwd).logits, batch["labels"], *seqs)
+        with torch.no_grad():
+            r, _ = sequence_logps(ref(batch["input_ids"], **fwd).logits, batch["labels"], *seqs)
+        loss, metrics = dpo_loss(pol, r, 0.1, n)
+        policy.zero_grad()
+        loss.backward()
+        results.append((batch["input_ids"].shape, loss, metrics, n, [p.grad.clone() for p in policy.parameters()]))
+    (shape_a, loss_a, m_a, n_a, g_a), (shape_b, loss_b, m_b, n_b, g_b) = results
+    assert shape_a[0] == 12 and shape_b[0] < 12  # 12 sequences in fewer rows
+    assert torch.equal(n_a, n_b) and abs(m_a["reward_margin"].item()) > 1e-3
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    for k in m_a:
+        torch.testing.assert_close(m_b[k], m_a[k], rtol=1e-4, atol=1e-6, msg=k)
+    for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
 def test_train_dpo_on_two_ranks_then_resume_on_one(sft_copy):

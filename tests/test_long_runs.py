@@ -225,6 +225,37 @@ def test_wandb_rewinds_to_the_resumed_step_and_the_metrics_file_drops_later_rows
     assert [r["global_step"] for r in read_metrics(tmp_path, "pretrain")] == [1, 2, 3, 4, 5, 6]
 
 
+def test_packed_length_grouped_sft_resumes_exactly_and_logs_the_real_token_share(tmp_path, capsys, monkeypatch):
+    """--pack 1 --group_by_length 1 (the SFT defaults): a run stopped mid-epoch and resumed ends with the weights of
+    an uninterrupted run; the progress line and the metrics report the batches' real-token share."""
+    from dataset.lm_dataset import GROUP_FILL, SFTDataset, collate_lm, collate_packed
+    from trainer.trainer_utils import SkipBatchSampler
+    data = lines(DEMO / "sft.jsonl", 96, tmp_path / "sft.jsonl")
+    args = [*TINY, *F32, "--data_path", data, "--from_weight", "none", "--batch_size", "8", "--epochs", "2",
+            "--log_interval", "1", "--learning_rate", "1e-3"]
+    ref, part = tmp_path / "ref", tmp_path / "part"
+    code, out, _ = run_inprocess(SFT, *args, *dirs(ref), capsys=capsys)
+    assert code == 0 and "length-grouped batches: chunks of 64 x 8 samples pre-packed into rows of ~122 tokens" in out
+    # the first step's batch, rebuilt: the grouped sampler's first 8 samples, packed
+    ds = SFTDataset(data, load_tokenizer(root_path("model")), max_length=128)
+    first = next(iter(SkipBatchSampler(len(ds), 8, lengths=ds.lengths, group_size=8,
+                                       width=round(GROUP_FILL * 128 * ds.bytes_per_token, 3))))
+    packed, padded = collate_packed([ds[i] for i in first], 128), collate_lm([ds[i] for i in first])
+    share = int(packed["attention_mask"].sum()) / packed["attention_mask"].numel()
+    rows = read_metrics(ref, "full_sft")
+    assert rows[0]["real_tokens"] == pytest.approx(share, rel=1e-12)
+    assert share > 0.95 and share > int(padded["attention_mask"].sum()) / padded["attention_mask"].numel()
+    assert f"| real {share:.0%} |" in out.splitlines()[[i for i, x in enumerate(out.splitlines())
+                                                          if "step 1/24" in x][0]]
+    signal_after_step(monkeypatch, 7)  # mid-epoch: 12 steps per epoch
+    assert run_inprocess(SFT, *args, *dirs(part), capsys=capsys)[0] == 130
+    monkeypatch.undo()
+    code, out, _ = run_inprocess(SFT, *args, *dirs(part), "--from_resume", "1", capsys=capsys)
+    assert code == 0 and "step 8/24" in out
+    a, b = weights(ref / "out" / "full_sft_64.pth"), weights(part / "out" / "full_sft_64.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ------------------------------------------------------------------------------------------------ token weighting
 
 def by_position(values):
@@ -258,7 +289,9 @@ def skewed_dpo(path):
     return path
 
 
-STAGES = {  # script, extra args (8 samples = one global batch; --grad_clip 0 so the probe sees the raw gradient)
+# script, extra args (8 samples = one global batch; --grad_clip 0 so the probe sees the raw gradient). The stages'
+# defaults --pack 1 --group_by_length 1 apply: 8 x 1, 4 x 2 and 2 ranks x 4 pack their micro-batches differently
+STAGES = {
     "sft": (SFT, ["--from_weight", "none"]),
     "dpo": (DPO, ["--from_weight", "none", "--loss_type", "sigmoid"]),
     "distillation": (DIST, ["--student_hidden_size", "64", "--student_num_layers", "2", "--from_student_weight",
@@ -284,10 +317,10 @@ def ddp(tiny_random, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     shutil.copytree(tiny_random / "out", tmp / "out")
     skewed_sft(tmp / "sft.jsonl"), skewed_dpo(tmp / "dpo.jsonl")
-    # 1 process, batch 4: stop after step 5 (20 of 96 samples), to be resumed on 2 processes
+    # 1 process, batch 4: stop after step 5 (20 of 96 samples), to be resumed on 2 processes (packed, grouped order)
     lr_args = [*TINY, *ONE, "--save_dir", tmp / "lr_out", "--checkpoint_dir", tmp / "lr_ck", "--data_path",
                lines(DEMO / "pretrain.jsonl", 96, tmp / "pre.jsonl"), "--batch_size", "4", "--log_interval", "1",
-               "--learning_rate", "1e-3"]
+               "--learning_rate", "1e-3", "--group_by_length", "1"]
     mp = pytest.MonkeyPatch()
     signal_after_step(mp, 5)
     code = subprocess_free_run(lr_args)
@@ -407,18 +440,21 @@ def test_every_supervised_stage_passes_the_attention_mask(script, extra, tiny_ra
     seen = []
     forward = MiniMindForCausalLM.forward
 
-    def spy(self, input_ids=None, attention_mask=None, **kw):
-        if self.training:
-            seen.append(attention_mask is not None and attention_mask.shape == input_ids.shape
-                        and bool((attention_mask == 0).any()))
-        return forward(self, input_ids=input_ids, attention_mask=attention_mask, **kw)
+    def spy(self, input_ids=None, attention_mask=None, position_ids=None, **kw):
+        if self.training or not torch.is_grad_enabled():  # the policy/student, or a frozen reference/teacher
+            seen.append((attention_mask is not None and attention_mask.shape == input_ids.shape,
+                         position_ids is not None and position_ids.shape == input_ids.shape))
+        return forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
     monkeypatch.setattr(MiniMindForCausalLM, "forward", spy)
     tiny = TINY[4:] if script == DIST else TINY
     extra = [*extra, "--from_dir", tmp_path / "out"] if "lora" in script else extra
     code, _, err = run_inprocess(script, *tiny, *dirs(tmp_path), "--batch_size", "4", "--max_steps", "1", *extra,
                                  capsys=capsys)
     assert code == 0, err
-    assert seen and all(seen)  # every training forward got the batch's mask, with pads in it
+    mask, packed = zip(*seen)
+    # --pack 1 (default): every forward (also the frozen reference's / teacher's) got the batch's mask (pads at a
+    # row's end stay out of the MoE balance loss) and the packed rows' position_ids (restarting per sample)
+    assert seen and all(mask) and all(packed)
 
 
 # ------------------------------------------------------------------------------------------------ small pieces

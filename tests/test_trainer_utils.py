@@ -50,6 +50,46 @@ def test_sampler_resume_continues_the_same_order_after_world_size_change():
     assert sorted(rest) == sorted(order[6:]) and len(rest) == 14
 
 
+def flat_order(batches_per_rank):
+    """The global order a multi-rank epoch consumed: global batch k = rank 0's k-th batch, rank 1's, ..."""
+    return [i for step in zip(*batches_per_rank) for b in step for i in b]
+
+
+@pytest.mark.parametrize("width", [0, 900], ids=["sorted", "pre-packed"])
+def test_grouped_sampler_one_order_for_any_world_size_and_exact_resume(width):
+    from dataset.lm_dataset import GROUP_CHUNK
+    n, b = 2 * GROUP_CHUNK * 3 + 40, 3  # two full chunks of 64 x 3 samples and a short one
+    lengths = torch.randint(10, 400, (n,), generator=torch.Generator().manual_seed(0))
+    kw = dict(num_samples=n, batch_size=b, epoch=1, seed=5, lengths=lengths, group_size=b, width=width)
+    one = list(SkipBatchSampler(**kw))
+    order = [i for batch in one for i in batch]
+    assert sorted(order) == list(range(n))  # one permutation of the epoch
+    assert order != [i for batch in SkipBatchSampler(**{**kw, "group_size": 0}) for i in batch]  # regrouped
+    chunk = GROUP_CHUNK * b
+    for c in range(0, n, chunk):
+        part = [i for i in order[c:c + chunk]]
+        blocks = [part[k:k + b] for k in range(0, len(part) - len(part) % b, b)]
+        sums = [int(lengths[blk].sum()) for blk in blocks]
+        if width:  # pre-packed blocks: nearly every block's samples fit one row of the width
+            assert sum(s <= width for s in sums) >= 0.8 * len(sums)
+        else:  # sorted blocks: a block's lengths never interleave with another block's of the same chunk
+            spans = sorted((int(lengths[blk].min()), int(lengths[blk].max())) for blk in blocks)
+            assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))
+    for ranks in (2, 4):  # rank r takes block k*W + r: the same order, micro-batch = block
+        per_rank = _epoch(kw, ranks)
+        assert flat_order(per_rank)[:n] == order
+        assert per_rank[1][0] == order[b:2 * b]
+    # resume after 5 global batches of 2 ranks, on 3 ranks, and with another batch size (the saved group size)
+    done = SkipBatchSampler(**kw, world_size=2).samples_after(5)
+    assert done == 30
+    rest = flat_order(_epoch({**kw, "skip_samples": done}, 3))
+    assert rest[:n - done] == order[done:]
+    bigger = flat_order([list(SkipBatchSampler(**{**kw, "batch_size": 4}, skip_samples=done))])
+    assert bigger == order[done:]
+    # the order depends on seed and epoch
+    assert one != list(SkipBatchSampler(**{**kw, "epoch": 2}))
+
+
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
     path = str(tmp_path / "w.pth")
     atomic_save({"a": torch.ones(2)}, path)

@@ -22,6 +22,7 @@ neighbours (e.g. ' <' as one token) hides that occurrence: the logged `tag_token
 found.
 """
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
-from dataset.lm_dataset import SFTDataset, collate_lm
+from dataset.lm_dataset import SFTDataset, collate_lm, collate_packed
 from trainer.trainer_utils import (Logger, TrainLoop, UserError, build_optimizer, build_parser, check_max_seq_len,
                                    dataset_options, init_model, init_run, model_config_from_args, parse_args,
                                    run_main)
@@ -105,9 +106,11 @@ def main():
            + f" | weight {args.tag_weight:g}")
     check_max_seq_len(args.max_seq_len, tokenizer)
     dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, **dataset_options(SFTDataset, args))
+    # --pack 1: whole conversations share rows of <= max_seq_len, each attending to itself only
+    collate = partial(collate_packed, max_len=args.max_seq_len) if args.pack else collate_lm
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
     # the loss is a weighted mean over supervised tokens: its units are the summed weights (see tag_weighted_ce)
-    loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_lm,
+    loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate,
                      config=config, stage="Distill-Reasoning", tokenizer=tokenizer,
                      count_units=lambda b: float(tag_weights(b["labels"][:, 1:], tag_seqs, args.tag_weight).sum()))
 

@@ -23,6 +23,7 @@ not DDP-wrapped, and runs under the same autocast as the student. A missing teac
 import os
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
-from dataset.lm_dataset import SFTDataset, collate_lm
+from dataset.lm_dataset import SFTDataset, collate_lm, collate_packed
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, count_params
 from trainer.trainer_utils import (Logger, TrainLoop, UserError, build_optimizer, build_parser, check_max_seq_len,
                                    check_model_size, dataset_options, init_model, init_run, load_weights, parse_args,
@@ -141,8 +142,10 @@ def main():
 
     check_max_seq_len(args.max_seq_len, tokenizer)
     dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, **dataset_options(SFTDataset, args))
+    # --pack 1: whole conversations share rows of <= max_seq_len, each attending to itself only
+    collate = partial(collate_packed, max_len=args.max_seq_len) if args.pack else collate_lm
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
-    loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_lm,
+    loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate,
                      config=student_config, stage="Distillation", tokenizer=tokenizer,
                      run_name=f"MiniMind-Distill-S{args.student_hidden_size}T{args.teacher_hidden_size}-Epoch-"
                               f"{args.epochs}-BatchSize-{args.batch_size}-LearningRate-{args.learning_rate}")

@@ -17,6 +17,7 @@ Logged: dpo_loss, aux_loss (MoE), reward_accuracy, reward_margin, chosen/rejecte
 and chosen/rejected_logp (policy).
 """
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset.lm_dataset import DPODataset, collate_dpo
+from dataset.lm_dataset import DPODataset, collate_dpo, collate_dpo_packed
 from trainer.rl_utils import frozen_copy, selected_logprobs
 from trainer.trainer_utils import (TrainLoop, build_optimizer, build_parser, check_max_seq_len, dataset_options,
                                    init_model, init_run, model_config_from_args, parse_args, run_main)
@@ -43,16 +44,23 @@ def token_logps(logits, labels):
     return logps, mask
 
 
-def sequence_logps(logits, labels, normalize: bool):
-    """Per-sequence log-prob of the supervised tokens (summed, or their mean when normalize) and token counts."""
+def sequence_logps(logits, labels, sample_index, n_seq: int, normalize: bool):
+    """Per-sequence log-prob of the supervised tokens (summed, or their mean when normalize) and token counts [n_seq].
+
+    Rows are not sequences in a packed batch: every token's log-prob is added to its sequence's sum by sample_index
+    (the collates' "sample_index", -1 on pads). The target at t is the label at t+1, so it belongs to the sequence of
+    position t+1 (within a segment the same one; a segment's first label is -100 and never a target).
+    """
     logps, mask = token_logps(logits, labels)
-    n_tokens = mask.sum(dim=-1)
-    total = logps.sum(dim=-1)
+    owner = torch.cat([sample_index[:, 1:], sample_index.new_full((sample_index.shape[0], 1), -1)], dim=1)
+    owner = torch.where(mask, owner, n_seq).flatten()  # unsupervised positions land in a spare slot n_seq
+    total = logps.new_zeros(n_seq + 1).index_add_(0, owner, logps.flatten())[:n_seq]
+    n_tokens = mask.new_zeros(n_seq + 1, dtype=torch.long).index_add_(0, owner, mask.flatten().long())[:n_seq]
     return (total / n_tokens.clamp(min=1) if normalize else total), n_tokens
 
 
 def dpo_loss(policy_logps, ref_logps, beta: float, n_tokens=None):
-    """DPO loss over pairs laid out as collate_dpo does: rows 0..B-1 chosen, B..2B-1 rejected.
+    """DPO loss over pairs laid out as the DPO collates number them: sequences 0..B-1 chosen, B..2B-1 rejected.
 
     policy_logps, ref_logps: [2B] per-sequence log-probs; n_tokens: [2B] supervised tokens per sequence (optional).
     Returns (loss, metrics). Pairs with an empty chosen or rejected span are left out of the loss and the reward
@@ -85,8 +93,9 @@ def dpo_loss(policy_logps, ref_logps, beta: float, n_tokens=None):
 
 def valid_pairs(batch) -> int:
     """Loss units of a DPO batch (counted on the CPU batch): pairs whose chosen and rejected answers both keep at
-    least one supervised token. The loss is a mean over them, so the loop weights micro-batches by this count."""
-    n = (batch["labels"][:, 1:] != -100).sum(dim=1)
+    least one supervised token. The loss is a mean over them, so the loop weights micro-batches by this count.
+    Counted per sequence ("supervised" [2B]), since a packed row may hold several."""
+    n = batch["supervised"]
     b = n.shape[0] // 2
     return int(((n[:b] > 0) & (n[b:] > 0)).sum())
 
@@ -110,8 +119,10 @@ def main():
     ref_model = frozen_copy(model)
     check_max_seq_len(args.max_seq_len, tokenizer)
     dataset = DPODataset(args.data_path, tokenizer, max_length=args.max_seq_len, **dataset_options(DPODataset, args))
+    # --pack 1: the 2B chosen/rejected sequences share rows of <= max_seq_len, each attending to itself only
+    collate = partial(collate_dpo_packed, max_len=args.max_seq_len) if args.pack else collate_dpo
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
-    loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_dpo,
+    loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate,
                      config=config, stage="DPO", tokenizer=tokenizer, count_units=valid_pairs,
                      run_name=f"MiniMind-DPO-Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
     normalize = args.loss_type == "sigmoid_norm"
@@ -119,12 +130,16 @@ def main():
     # ---------------------------------------------------------------- train: chosen and rejected in one forward
     for batch in loop:
         ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+        pos = batch.get("position_ids")  # packed rows: positions restart per sequence
+        index, n_seq = batch["sample_index"], batch["supervised"].shape[0]  # which of the 2B sequences a token is in
         # same autocast for both models, so policy and reference log-probs are computed in the same precision
         with ctx.autocast():
             with torch.no_grad():
-                ref_logps, _ = sequence_logps(ref_model(ids, attention_mask=mask).logits, labels, normalize)
-            out = loop.model(ids, attention_mask=mask)
-            policy_logps, n_tokens = sequence_logps(out.logits, labels, normalize)
+                ref_logits = ref_model(ids, attention_mask=mask, position_ids=pos).logits
+                ref_logps, _ = sequence_logps(ref_logits, labels, index, n_seq, normalize)
+                del ref_logits
+            out = loop.model(ids, attention_mask=mask, position_ids=pos)
+            policy_logps, n_tokens = sequence_logps(out.logits, labels, index, n_seq, normalize)
             loss_dpo, metrics = dpo_loss(policy_logps, ref_logps, args.beta, n_tokens)
         # loss_dpo is the mean over this micro-batch's valid pairs; the loop weights it by their number
         loop.backward(loss_dpo, units=loop.units, aux=out.aux_loss, dpo_loss=loss_dpo, **metrics)

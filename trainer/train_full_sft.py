@@ -9,11 +9,12 @@ sft_*.jsonl); the loss covers each assistant turn's content and its <|im_end|>. 
 writes out/full_sft_{hidden}{_moe}.pth (+ .json) and checkpoints/full_sft_{hidden}{_moe}_resume.pth.
 """
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset.lm_dataset import SFTDataset, collate_lm
+from dataset.lm_dataset import SFTDataset, collate_lm, collate_packed
 from trainer.trainer_utils import (TrainLoop, build_optimizer, build_parser, check_max_seq_len, dataset_options,
                                    init_model, init_run, model_config_from_args, parse_args, run_main)
 
@@ -31,8 +32,10 @@ def main():
     model, tokenizer = init_model(config, args.from_weight, args.tokenizer_path, args.save_dir, ctx.device)
     check_max_seq_len(args.max_seq_len, tokenizer)
     dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, **dataset_options(SFTDataset, args))
+    # --pack 1: whole conversations share rows of <= max_seq_len, each attending to itself only
+    collate = partial(collate_packed, max_len=args.max_seq_len) if args.pack else collate_lm
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
-    loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_lm,
+    loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate,
                      config=config, stage="Full-SFT", tokenizer=tokenizer)
 
     # ---------------------------------------------------------------- train

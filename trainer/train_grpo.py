@@ -67,7 +67,9 @@ def batch_advantages(rewards: torch.Tensor, all_reduce=None):
 
 
 def main():
-    parser = build_parser("MiniMind GRPO", save_weight="grpo", epochs=1, batch_size=2, learning_rate=8e-8,
+    # rollouts are not batches of the supervised collates: no --pack / --group_by_length
+    parser = build_parser("MiniMind GRPO", skip=("pack", "group_by_length"), save_weight="grpo", epochs=1, batch_size=2,
+                          learning_rate=8e-8,
                           accumulation_steps=1, log_interval=1, save_interval=10, max_seq_len=66,
                           data_path="dataset/rlaif-mini.jsonl", from_weight="auto", wandb_project="MiniMind-GRPO")
     add_rl_args(parser)

@@ -12,11 +12,12 @@ alpha, targets, the base weight and the model config, which model_lora.apply_lor
 file (checkpoints/{lora_name}_*_resume.pth) holds only the LoRA tensors and their optimizer state.
 """
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset.lm_dataset import SFTDataset, collate_lm
+from dataset.lm_dataset import SFTDataset, collate_lm, collate_packed
 from model.model_lora import DEFAULT_TARGETS, apply_lora, count_lora_params, lora_state_dict, parse_targets
 from trainer.trainer_utils import (Logger, TrainLoop, build_optimizer, build_parser, check_max_seq_len,
                                    dataset_options, init_model, init_run, model_config_from_args, parse_args,
@@ -58,8 +59,10 @@ def main():
            f"({n_lora / total:.2%}) | rank {args.lora_rank}, alpha {args.lora_alpha:g}, targets {args.lora_target}")
     check_max_seq_len(args.max_seq_len, tokenizer)
     dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, **dataset_options(SFTDataset, args))
+    # --pack 1: whole conversations share rows of <= max_seq_len, each attending to itself only
+    collate = partial(collate_packed, max_len=args.max_seq_len) if args.pack else collate_lm
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)  # LoRA tensors only
-    loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_lm,
+    loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate,
                      config=config, stage="LoRA", tokenizer=tokenizer,
                      weights_path=weight_path(args.save_dir, args.lora_name, config.hidden_size, config.use_moe),
                      weights_state=lora_state_dict,

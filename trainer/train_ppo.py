@@ -130,7 +130,9 @@ def ppo_losses(logp, old_logp, ref_logp, advantages, values, returns, mask, *, c
 
 
 def build_ppo_parser():
-    parser = build_parser("MiniMind PPO (RLAIF)", save_weight="ppo_actor", epochs=1, batch_size=2,
+    # rollouts are not batches of the supervised collates: no --pack / --group_by_length
+    parser = build_parser("MiniMind PPO (RLAIF)", skip=("pack", "group_by_length"), save_weight="ppo_actor", epochs=1,
+                          batch_size=2,
                           learning_rate=8e-8, accumulation_steps=1, log_interval=1, save_interval=10,
                           max_seq_len=66, data_path="dataset/rlaif-mini.jsonl", from_weight="auto",
                           wandb_project="MiniMind-PPO")

@@ -108,7 +108,9 @@ class AutoAdaptiveValueTracker:
 
 
 def main():
-    parser = build_parser("MiniMind SPO", save_weight="spo", epochs=1, batch_size=2, learning_rate=1e-7,
+    # rollouts are not batches of the supervised collates: no --pack / --group_by_length
+    parser = build_parser("MiniMind SPO", skip=("pack", "group_by_length"), save_weight="spo", epochs=1, batch_size=2,
+                          learning_rate=1e-7,
                           accumulation_steps=4, log_interval=1, save_interval=10, max_seq_len=66,
                           data_path="dataset/rlaif-mini.jsonl", from_weight="auto", wandb_project="MiniMind-SPO")
     add_rl_args(parser)

@@ -14,6 +14,7 @@ COMMON_DEFAULTS = dict(
     save_dir="out", save_weight="pretrain", epochs=1, batch_size=32, learning_rate=5e-4, accumulation_steps=1,
     grad_clip=1.0, log_interval=100, save_interval=1000, hidden_size=512, num_hidden_layers=8, max_seq_len=340,
     data_path="dataset/pretrain_hq.jsonl", from_weight="none", wandb_project="MiniMind-Pretrain",
+    pack=1, group_by_length=1,
 )
 # Flags that hold paths: given defaults resolve against the repo root, user values against the cwd.
 PATH_FLAGS = ("save_dir", "data_path", "tokenizer_path", "checkpoint_dir")
@@ -48,6 +49,13 @@ def build_parser(description: str, skip: tuple[str, ...] = (), **defaults) -> ar
     add("hidden_size", type=int, default=d["hidden_size"], help="隐藏层维度 / hidden size")
     add("num_hidden_layers", type=int, default=d["num_hidden_layers"], help="层数 / number of layers")
     add("max_seq_len", type=int, default=d["max_seq_len"], help="最大序列长度 / max tokens per sample")
+    add("pack", type=str2bool_int, default=d["pack"], choices=[0, 1],
+        help="打包: 多个样本拼进宽 <= max_seq_len 的行, 不在 padding 上计算 / pack samples into rows of <= max_seq_len "
+             "(each sample attends to itself only) instead of padding them; pretraining fills rows of exactly "
+             "max_seq_len and may split a document across two rows")
+    add("group_by_length", type=str2bool_int, default=d["group_by_length"], choices=[0, 1],
+        help="按长度分组采样 / length-grouped batches: each micro-batch holds samples that pack (or pad) well "
+             "together, the data order stays one seeded permutation (resume and world size as usual)")
     add("use_moe", type=str2bool_int, default=0, choices=[0, 1], help="是否使用 MoE / mixture of experts FFN")
     add("headwise_attn_output_gate", type=str2bool_int, default=1, choices=[0, 1],
         help="注意力头输出门控 (Qiu et al. 2025); 加载未启用门控训练的旧权重时传 0 / pass 0 for old MiniMind weights")

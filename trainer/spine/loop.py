@@ -14,6 +14,7 @@ import contextlib
 import gc
 import math
 import os
+import random
 import signal
 import time
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
+from dataset.lm_dataset import GROUP_CHUNK, GROUP_FILL, group_by_length
 from model.model_minimind import MiniMindConfig
 from trainer.spine.checkpoint import (lm_checkpoint, load_trainable_state_dict, read_sidecar, resume_path,
                                       save_weights, sidecar_path, weight_path)
@@ -52,35 +54,62 @@ def supervised_tokens(batch) -> int | None:
 class SkipBatchSampler(Sampler):
     """Per-rank batches of one global, seeded sample order, able to start after `skip_samples` samples.
 
-    The epoch's order is a permutation seeded by seed+epoch, the same on every rank. Global batch k holds the next
-    batch_size*world_size samples and rank r takes every world_size-th of them. Because the position in that order
-    is counted in samples, a run resumed with another number of GPUs continues exactly where the last one stopped.
-    With several ranks the order is padded by wrapping so every rank gets the same number of batches (no DDP hang).
+    The epoch's order is a permutation seeded by seed+epoch, the same on every rank. Global batch k is the next
+    batch_size*world_size samples of it, and rank r takes the r-th run of batch_size of them. Because the position in
+    that order is counted in samples, a run resumed with another number of GPUs continues exactly where the last one
+    stopped. With several ranks the order is padded by wrapping so every rank gets the same number of batches (no DDP
+    hang).
+
+    Length grouping (lengths given, group_size > 0): the permutation is regrouped chunk by chunk (GROUP_CHUNK x
+    group_size samples; lm_dataset.group_by_length) into blocks of group_size samples of similar length (width 0) or
+    that fill packed rows of `width` together (width > 0, lengths and width in the same unit); a chunk's blocks are
+    shuffled, seeded by seed, epoch and chunk. The result is still one permutation of the epoch that does not depend
+    on the world size, and with group_size = batch_size every block is one rank's micro-batch. Chunks are regrouped
+    lazily as the epoch proceeds, so a multi-million-sample epoch starts at once.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, epoch: int = 0, seed: int = 42, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, skip_samples: int = 0):
+                 world_size: int = 1, shuffle: bool = True, skip_samples: int = 0, lengths=None,
+                 group_size: int = 0, width: float = 0):
         self.num_samples, self.batch_size = num_samples, batch_size
         self.epoch, self.seed, self.rank, self.world_size = epoch, seed, rank, world_size
         self.shuffle, self.skip_samples = shuffle, min(skip_samples, num_samples)
+        self.lengths = torch.as_tensor(lengths) if group_size and lengths is not None else None
+        self.group_size, self.width = group_size, width
 
-    def _order(self) -> torch.Tensor:
+    def _chunks(self):
+        """The epoch's order after skip_samples, chunk by chunk (lists of sample indices)."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.num_samples, generator=g)
         else:
             order = torch.arange(self.num_samples)
-        order = order[self.skip_samples:]
-        pad = (-len(order)) % self.world_size
-        if pad and len(order):
-            order = torch.cat([order, order[:pad].repeat(math.ceil(pad / len(order)))[:pad]])
-        return order
+        size = GROUP_CHUNK * (self.group_size or self.batch_size)
+        first = self.skip_samples // size
+        for c in range(first, math.ceil(self.num_samples / size)):
+            part = order[c * size:(c + 1) * size]
+            if self.lengths is not None:
+                rng = random.Random(f"{self.seed}-{self.epoch}-{c}")  # str seeds are hashed stably (sha512)
+                chunk = group_by_length(part.tolist(), self.lengths[part].tolist(), self.group_size, self.width, rng)
+            else:
+                chunk = part.tolist()
+            yield chunk[self.skip_samples - c * size:] if c == first else chunk
 
     def __iter__(self):
-        order = self._order()
-        g = self.batch_size * self.world_size
-        for start in range(0, len(order), g):
-            yield order[start:start + g][self.rank::self.world_size].tolist()
+        g, w = self.batch_size * self.world_size, self.world_size
+        head, buf = [], []  # head: the first samples, which pad the last global batch to a multiple of the ranks
+        for chunk in self._chunks():
+            if len(head) < w:
+                head += chunk[:w - len(head)]
+            buf += chunk
+            while len(buf) >= g:
+                yield buf[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+                del buf[:g]
+        if buf:
+            pad = (-len(buf)) % w
+            buf += (head * math.ceil(pad / max(len(head), 1)))[:pad]
+            per = len(buf) // w
+            yield buf[self.rank * per:(self.rank + 1) * per]
 
     def __len__(self) -> int:
         n = self.num_samples - self.skip_samples
@@ -90,8 +119,6 @@ class SkipBatchSampler(Sampler):
     def samples_after(self, batches: int) -> int:
         """Position in the epoch's order (in real samples) after this many batches of this sampler."""
         return min(self.num_samples, self.skip_samples + batches * self.batch_size * self.world_size)
-
-
 
 
 def build_optimizer(model_or_params, lr: float, weight_decay: float = 0.01, device: torch.device | None = None):
@@ -171,6 +198,8 @@ class TrainLoop:
 
         # resume: optimizer steps done, micro-batches done (global_step), data position (epoch + samples into it)
         self.start_epoch, self.skip_samples, self.global_step, self.opt_step = 0, 0, 0, 0
+        self.order, self.resumed_order = self._grouping(args, dataset), None
+        self._epoch_order = self.order
         self.bad_steps, self.bad_in_a_row, self.empty_windows, self.overflow_steps = 0, 0, 0, 0
         ckp = lm_checkpoint(config, self.weight_name, save_dir=args.checkpoint_dir) if args.from_resume else None
         if args.from_resume and ckp is None:
@@ -213,6 +242,24 @@ class TrainLoop:
         self._window, self._units_total, self.units = 1, None, None
         self.epoch, self.step = self.start_epoch, 0
 
+    def _grouping(self, args, dataset) -> dict:
+        """The sampler's length grouping for --group_by_length: blocks of batch_size samples; with --pack 1 they
+        are pre-packed into rows of GROUP_FILL x max_seq_len estimated tokens (lengths are JSONL bytes, so the width
+        is in bytes: tokens x the dataset's bytes_per_token x its sequences per sample)."""
+        if not getattr(args, "group_by_length", 0):
+            return {"group_size": 0, "width": 0}
+        if getattr(dataset, "lengths", None) is None:
+            Logger("NOTE: --group_by_length 1, but this dataset has no lengths: batches are not grouped")
+            return {"group_size": 0, "width": 0}
+        width = 0.0
+        if getattr(args, "pack", 0):
+            width = GROUP_FILL * args.max_seq_len * getattr(dataset, "sequences", 1) * dataset.bytes_per_token
+        if self.ctx.is_main:
+            Logger(f"length-grouped batches: chunks of {GROUP_CHUNK} x {args.batch_size} samples "
+                   + (f"pre-packed into rows of ~{GROUP_FILL * args.max_seq_len:.0f} tokens" if width else
+                      "sorted by length") + f" (lengths estimated at {dataset.bytes_per_token:.2f} bytes/token)")
+        return {"group_size": args.batch_size, "width": round(width, 3)}
+
     def _enable_grad_checkpointing(self, model) -> None:
         # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias) to activation_checkpointing_*
         enable = getattr(model, "activation_checkpointing_enable", None) or \
@@ -240,6 +287,12 @@ class TrainLoop:
                 raise UserError(f"resume file {path} has no '{name}' state; pass --from_resume 0")
             obj.load_state_dict(ckp[name])
         self.start_epoch, self.skip_samples = ckp["epoch"], ckp["samples"]
+        # the order the interrupted epoch was grouped by (older files: ungrouped), so it continues exactly
+        self.resumed_order = ckp.get("data_order", {"group_size": 0, "width": 0})
+        if self.skip_samples and self.resumed_order != self.order:
+            Logger(f"NOTE: the interrupted epoch continues in the order it started with ({self.resumed_order}, "
+                   f"now {self.order}: batch size, --pack, --group_by_length or --max_seq_len changed); "
+                   "the next epochs use the current flags")
         self.global_step, self.opt_step = ckp.get("global_step", 0), ckp.get("opt_step", 0)
         self.bad_steps, self.empty_windows = ckp.get("bad_steps", 0), ckp.get("empty_windows", 0)
         Logger(f"resumed from {path}: step {self.opt_step}, epoch {self.start_epoch + 1}, {self.skip_samples} "
@@ -268,8 +321,11 @@ class TrainLoop:
         try:
             for epoch in range(self.start_epoch, args.epochs):
                 skip = self.skip_samples if epoch == self.start_epoch else 0
+                self._epoch_order = self.resumed_order if skip and self.resumed_order is not None else self.order
                 sampler = SkipBatchSampler(len(self.dataset), args.batch_size, epoch=epoch, seed=args.seed,
-                                           rank=ctx.rank, world_size=ctx.world_size, skip_samples=skip)
+                                           rank=ctx.rank, world_size=ctx.world_size, skip_samples=skip,
+                                           lengths=self.dataset.lengths if self._epoch_order["group_size"] else None,
+                                           **self._epoch_order)
                 loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
                                     num_workers=args.num_workers, pin_memory=pin, persistent_workers=False,
                                     worker_init_fn=ignore_stop_signals_in_worker if args.num_workers else None)
@@ -511,7 +567,8 @@ class TrainLoop:
         lm_checkpoint(self.config, self.weight_name, model=m, optimizer=self.optimizers, epoch=epoch, step=self.step,
                       wandb=self.wandb, save_dir=self.args.checkpoint_dir, samples=samples,
                       global_step=self.global_step, opt_step=self.opt_step, weights_step=self.opt_step,
-                      bad_steps=self.bad_steps, empty_windows=self.empty_windows, **extras)
+                      bad_steps=self.bad_steps, empty_windows=self.empty_windows,
+                      data_order=self._epoch_order if samples else self.order, **extras)
         m.train(was_training)
         self._last_save = (self.resume_path, self.opt_step)
 
