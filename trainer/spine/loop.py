@@ -421,11 +421,14 @@ class TrainLoop:
                     g["lr"] = get_lr(samples_done, self.total_samples, g["initial_lr"])
 
     def _note_batch(self, batch) -> None:
+        """Token counts of a micro-batch, read on the CPU copy (no device sync): tokens/s counts real (non-pad)
+        tokens, so packed and padded runs compare by the work that trains the model."""
         ids = batch.get("input_ids") if isinstance(batch, dict) else None
         self._batch_tokens = ids.numel() if isinstance(ids, torch.Tensor) else 0
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         if isinstance(mask, torch.Tensor) and isinstance(ids, torch.Tensor):
-            self._real += int(mask.sum())
+            self._batch_tokens = int(mask.sum())
+            self._real += self._batch_tokens
             self._numel += ids.numel()
 
     # -- per-step
@@ -437,7 +440,7 @@ class TrainLoop:
             the step's gradient is the mean over every unit whatever the batch/accumulation/rank split. Without
             units (RL), the loss is averaged over the accumulation window as before.
         aux: a per-micro-batch term (the MoE balance loss), averaged over the window; logged as aux_loss.
-        num_tokens: tokens processed, for tokens/s (default: the batch's input_ids.numel()).
+        num_tokens: tokens processed, for tokens/s (default: the batch's real tokens, attention_mask.sum()).
         """
         self._backward_called = True
         if units is not None:
