@@ -150,3 +150,15 @@ def run_eval_cli(argv, monkeypatch, capsys, stdin_lines=None):
         code = e.code if isinstance(e.code, int) else 1
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def signal_after_step(monkeypatch, step: int, signum=signal.SIGINT):
+    """Make this process receive `signum` right after optimizer step `step` (as a user's Ctrl-C would)."""
+    from trainer.trainer_utils import TrainLoop
+    original = TrainLoop._optimizer_step
+
+    def step_then_signal(self):
+        original(self)
+        if self.opt_step + 1 == step:  # opt_step counts the step after _optimizer_step returns
+            os.kill(os.getpid(), signum)
+    monkeypatch.setattr(TrainLoop, "_optimizer_step", step_then_signal)

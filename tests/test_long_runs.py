@@ -17,7 +17,8 @@ import types
 import pytest
 import torch
 
-from conftest import DEMO, ROOT, TINY, dirs, read_metrics, run_inprocess, run_torchrun, script_env
+from conftest import (DEMO, ROOT, TINY, dirs, read_metrics, run_inprocess, run_torchrun, script_env,
+                      signal_after_step)
 from grad_probe import record_first_step
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.trainer_utils import (StopSignals, TrainLoop, check_tokenizer, default_num_workers, get_lr,
@@ -32,17 +33,6 @@ ONE = ["--accumulation_steps", "1"]  # pretraining defaults to 8
 def lines(src, n, dst):
     dst.write_text("".join(open(src, encoding="utf-8").readlines()[:n]), encoding="utf-8")
     return dst
-
-
-def signal_after_step(monkeypatch, step, signum=signal.SIGINT):
-    """This process receives `signum` right after optimizer step `step`, as from a user's Ctrl-C."""
-    original = TrainLoop._optimizer_step
-
-    def step_then_signal(self):
-        original(self)
-        if self.opt_step + 1 == step:  # opt_step counts this step once _optimizer_step returns
-            os.kill(os.getpid(), signum)
-    monkeypatch.setattr(TrainLoop, "_optimizer_step", step_then_signal)
 
 
 def weights(path):

@@ -8,6 +8,7 @@ import signal
 import pytest
 import torch
 
+from conftest import signal_after_step
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.trainer_utils import (SkipBatchSampler, TrainingStopped, TrainLoop, UserError, atomic_save,
                                    build_optimizer, build_parser, get_lr, init_run, load_weights, parse_args,
@@ -175,17 +176,6 @@ def test_epoch_tail_is_flushed_not_leaked(tmp_path):
     assert len(seen) == 10
     state = next(iter(opt.state.values()))
     assert int(state["step"]) == 6  # 3 optimizer steps per epoch, none merged across epochs
-
-
-def signal_after_step(monkeypatch, step: int, signum=signal.SIGINT):
-    """Make this process receive `signum` right after optimizer step `step` (as a user's Ctrl-C would)."""
-    original = TrainLoop._optimizer_step
-
-    def step_then_signal(self):
-        original(self)
-        if self.opt_step + 1 == step:  # opt_step counts the step after _optimizer_step returns
-            os.kill(os.getpid(), signum)
-    monkeypatch.setattr(TrainLoop, "_optimizer_step", step_then_signal)
 
 
 def test_stop_signal_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
