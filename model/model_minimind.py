@@ -557,48 +557,82 @@ class MiniMindBlock(GradientCheckpointingLayer):
 # Loss
 
 
+def _lce_forward(hc, w, targets, chunk):
+    """Sum over rows of cross_entropy(hc @ w^T, targets) and each row's logsumexp, chunk rows at a time."""
+    valid = targets != -100
+    safe = targets.clamp(min=0)
+    lse = torch.empty(hc.shape[0], dtype=torch.float32, device=hc.device)
+    total = torch.zeros((), dtype=torch.float32, device=hc.device)
+    for s in range(0, hc.shape[0], chunk):
+        logits = (hc[s:s + chunk] @ w.t()).float()
+        lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(1, safe[s:s + chunk, None]).squeeze(1)
+        total = total + ((lse[s:s + chunk] - picked) * valid[s:s + chunk]).sum()
+    return total, lse
+
+
+def _lce_backward(hc, w, targets, lse, grad, chunk, need_w):
+    """(d loss / d hc, d loss / d w in fp32, or an empty tensor when need_w is False), recomputing each chunk's
+    logits and turning them into softmax - onehot in place."""
+    valid, safe = targets != -100, targets.clamp(min=0)
+    dh = torch.empty_like(hc)
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else w.new_empty(0, dtype=torch.float32)
+    scale = valid.to(torch.float32) * grad
+    for s in range(0, hc.shape[0], chunk):
+        e = min(s + chunk, hc.shape[0])
+        p = (hc[s:e] @ w.t()).float().sub_(lse[s:e, None]).exp_()
+        p[torch.arange(e - s, device=p.device), safe[s:e]] -= 1.0
+        p = p.mul_(scale[s:e, None]).to(hc.dtype)
+        dh[s:e] = p @ w
+        if need_w:
+            dw += (p.t() @ hc[s:e]).float()
+    return dh, dw
+
+
+def _register_lce_ops():
+    """The two chunk loops as opaque custom ops for torch.compile: traced inline, their trip count (rows / chunk)
+    would be a guard, and every batch with a new number of rows would recompile the model's last graph."""
+    if hasattr(torch.ops.minimind, "lce_forward"):
+        return
+    torch.library.custom_op("minimind::lce_forward", _lce_forward, mutates_args=(),
+                            schema="(Tensor hc, Tensor w, Tensor targets, int chunk) -> (Tensor, Tensor)")
+    torch.library.register_fake("minimind::lce_forward", lambda hc, w, targets, chunk: (
+        hc.new_empty((), dtype=torch.float32), hc.new_empty(hc.shape[0], dtype=torch.float32)))
+    torch.library.custom_op(
+        "minimind::lce_backward", _lce_backward, mutates_args=(),
+        schema="(Tensor hc, Tensor w, Tensor targets, Tensor lse, Tensor grad, int chunk, bool need_w) -> (Tensor, Tensor)")
+    torch.library.register_fake("minimind::lce_backward", lambda hc, w, targets, lse, grad, chunk, need_w: (
+        torch.empty_like(hc), w.new_empty(w.shape if need_w else 0, dtype=torch.float32)))
+
+
+_register_lce_ops()
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Sum over rows of cross_entropy(h @ W^T, target) in fp32, computed a chunk of rows at a time.
 
     The [rows, vocab] logits never exist whole: forward keeps one fp32 logsumexp per row, backward recomputes each
     chunk's logits (one more lm_head matmul) and turns them into softmax - onehot in place. Logits are computed in the
     compute dtype (bf16 under autocast, as the unfused lm_head would) and reduced in fp32. Rows with target -100
-    contribute nothing.
+    contribute nothing. Under torch.compile the loops run as the custom ops above.
     """
 
     @staticmethod
     def forward(ctx, h, weight, targets, dtype, chunk):
         hc, w = h.to(dtype), weight.to(dtype)
-        valid = targets != -100
-        safe = targets.clamp(min=0)
-        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, h.shape[0], chunk):
-            logits = (hc[s:s + chunk] @ w.t()).float()
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe[s:s + chunk, None]).squeeze(1)
-            total = total + ((lse[s:s + chunk] - picked) * valid[s:s + chunk]).sum()
-        ctx.save_for_backward(hc, weight, safe, valid, lse)
+        fwd = torch.ops.minimind.lce_forward if torch.compiler.is_compiling() else _lce_forward
+        total, lse = fwd(hc, w, targets, chunk)
+        ctx.save_for_backward(hc, weight, targets, lse)
         ctx.dtype, ctx.chunk, ctx.h_dtype = dtype, chunk, h.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad):
-        hc, weight, safe, valid, lse = ctx.saved_tensors
+        hc, weight, targets, lse = ctx.saved_tensors
         need_w = ctx.needs_input_grad[1]  # False when the embedding is frozen (LoRA)
-        w = weight.to(ctx.dtype)
-        dh = torch.empty_like(hc)
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        scale = valid.to(torch.float32) * grad
-        for s in range(0, hc.shape[0], ctx.chunk):
-            e = min(s + ctx.chunk, hc.shape[0])
-            p = (hc[s:e] @ w.t()).float().sub_(lse[s:e, None]).exp_()
-            p[torch.arange(e - s, device=p.device), safe[s:e]] -= 1.0
-            p = p.mul_(scale[s:e, None]).to(ctx.dtype)
-            dh[s:e] = p @ w
-            if need_w:
-                dw += (p.t() @ hc[s:e]).float()
-        return dh.to(ctx.h_dtype), None if dw is None else dw.to(weight.dtype), None, None, None
+        bwd = torch.ops.minimind.lce_backward if torch.compiler.is_compiling() else _lce_backward
+        dh, dw = bwd(hc, weight.to(ctx.dtype), targets, lse, grad, ctx.chunk, need_w)
+        return dh.to(ctx.h_dtype), dw.to(weight.dtype) if need_w else None, None, None, None
 
 
 def fused_lm_loss(h, weight, labels, chunk_elems=1 << 22):

@@ -2,56 +2,82 @@
 # One command that checks the CUDA paths on a GPU machine and prints a PASS/FAIL summary.
 #
 #     bash scripts/gpu_check.sh                       # this repo only
-#     bash scripts/gpu_check.sh /path/to/minimind     # also benchmark against a MiniMind checkout
+#     bash scripts/gpu_check.sh /path/to/minimind     # the benchmark also runs MiniMind side by side
 #     NPROC=2 STAGE_TIMEOUT=1200 bash scripts/gpu_check.sh
+#     PARALLEL=1 bash scripts/gpu_check.sh            # independent stages at once (a big card: ~3x faster overall)
 #
 # Steps (each under `timeout`, each a PASS/FAIL/SKIP line at the end):
-#   1. cuda_equivalence: on the GPU, in bf16: the MoE dispatch's grouped GEMM equals the per-expert loop, model.generate
-#      (MiniMind's decode loop) equals transformers' own loop (greedy, left-padded batch), a packed row equals its
-#      samples alone, gradient checkpointing gives the same gradients.
-#   2. bench: scripts/bench_model.py --device cuda --dtype bfloat16 over 512x8, 512x8_moe, 640x12_moe and the gate-on
-#      640x12_moe_gate (and the same with --peer when a MiniMind checkout is given).
-#   3. the nine seed commands (shared/seeds/000_*.txt: 640x12 MoE + gate, torchrun --nproc_per_node $NPROC,
+#   1. cuda_equivalence: on the GPU, in bf16: the MoE dispatch's grouped GEMM equals the per-expert loop, gradient
+#      checkpointing gives the same gradients, model.generate (MiniMind's decode loop) equals transformers' own loop
+#      (greedy, left-padded batch), a packed row equals its samples alone.
+#   2. the nine seed commands (shared/seeds/000_*.txt: 640x12 MoE + gate, torchrun --nproc_per_node $NPROC,
 #      --use_wandb with WANDB_MODE=offline) with --max_steps 20 on dataset/demo/, each stage starting from the
-#      previous one's weights, written to a scratch directory instead of out/ and checkpoints/.
-#   4. pretrain once more with --use_compile 1, and with --grad_checkpointing 1 if the trainers have that flag.
+#      weights its default --from_weight names (pretrain -> full_sft -> dpo -> distill_reason -> ppo/grpo/spo; lora
+#      and distillation from full_sft), written to a scratch directory instead of out/ and checkpoints/; pretrain
+#      once more with --use_compile 1 and once with --grad_checkpointing 1; eval_llm.py answers two prompts from
+#      stdin with the SFT weights on the GPU.
+#   3. bench: scripts/bench_model.py --device cuda --dtype bfloat16 --repeats 3 over 512x8, 512x8_moe, 640x12_moe
+#      and the gate-on 640x12_moe_gate, side by side with the MiniMind checkout when one is given.
 # Environment: NPROC (default: number of GPUs, at most 2), STAGE_TIMEOUT seconds per command (default 900),
-# WORK scratch directory (default: a new mktemp -d), PYTHON (default: python).
+# PARALLEL (0/1, default 0: one command at a time, as on 2 x 24 GB cards), WORK scratch directory (default: a new
+# mktemp -d), ALL_LOG (every command's log appended to one file; default $WORK/all.log), PYTHON (default: python),
+# HIDDEN / LAYERS / MAX_STEPS (model size and length of the stage commands, default 640 / 12 / 20), RL_GEN_LEN
+# (PPO/SPO --max_gen_len; default theirs, 1536), CPU_DRY_RUN=1 (no GPU: run only the stage commands, on the CPU
+# with gloo, to check the command lines themselves; use a small HIDDEN/LAYERS/MAX_STEPS).
 set -u
 
 PEER="${1:-}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
 STAGE_TIMEOUT="${STAGE_TIMEOUT:-900}"
+PARALLEL="${PARALLEL:-0}"
+CPU_DRY_RUN="${CPU_DRY_RUN:-0}"
+HIDDEN="${HIDDEN:-640}"
+LAYERS="${LAYERS:-12}"
 WORK="${WORK:-$(mktemp -d -t gpu_check.XXXXXX)}"
+ALL_LOG="${ALL_LOG:-$WORK/all.log}"
 export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_DIR="$WORK" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-if ! command -v nvidia-smi >/dev/null 2>&1 || ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+if [ "$CPU_DRY_RUN" = 1 ]; then
+  GPUS=0
+  NPROC="${NPROC:-1}"
+elif ! command -v nvidia-smi >/dev/null 2>&1 || ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "gpu_check: no CUDA device visible to $PYTHON (nvidia-smi / torch.cuda.is_available()); nothing to check" >&2
   exit 2
+else
+  GPUS="$(nvidia-smi -L | wc -l)"
+  NPROC="${NPROC:-$(( GPUS >= 2 ? 2 : 1 ))}"
 fi
-GPUS="$(nvidia-smi -L | wc -l)"
-NPROC="${NPROC:-$(( GPUS >= 2 ? 2 : 1 ))}"
-mkdir -p "$WORK/out" "$WORK/checkpoints" "$WORK/logs"
-echo "gpu_check: $GPUS GPU(s), NPROC=$NPROC, timeout ${STAGE_TIMEOUT}s per command, scratch $WORK"
+mkdir -p "$WORK/out" "$WORK/checkpoints" "$WORK/logs" "$WORK/results"
+: >>"$ALL_LOG"
+echo "gpu_check: $GPUS GPU(s), NPROC=$NPROC, PARALLEL=$PARALLEL, timeout ${STAGE_TIMEOUT}s per command, scratch $WORK"
+"$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__,
+      '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" 2>&1 | tee -a "$ALL_LOG"
 
-declare -a RESULTS=()
-run() {  # run NAME COMMAND... ; logs to $WORK/logs/NAME.log
-  local name="$1"; shift
-  local log="$WORK/logs/$name.log" start=$SECONDS status
+STEP=0
+run_step() {  # run_step N NAME COMMAND... ; logs to $WORK/logs/NAME.log, the result line to $WORK/results/, the log to $ALL_LOG
+  local slot="$WORK/results/$(printf %02d "$1")_$2" name="$2"; shift 2
+  local log="$WORK/logs/$name.log" start=$SECONDS status result
   echo "--- $name: $*"
   timeout --kill-after=30 "$STAGE_TIMEOUT" "$@" >"$log" 2>&1
   status=$?
   local took=$(( SECONDS - start ))
   if [ "$status" -eq 0 ]; then
-    RESULTS+=("PASS  $name (${took}s)")
+    result="PASS  $name (${took}s)"
   elif [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
-    RESULTS+=("FAIL  $name: timed out after ${STAGE_TIMEOUT}s, log $log")
+    result="FAIL  $name: timed out after ${STAGE_TIMEOUT}s, log $log"
   else
-    RESULTS+=("FAIL  $name: exit $status, log $log")
+    result="FAIL  $name: exit $status, log $log"
   fi
-  tail -n 3 "$log"
+  echo "$result" >"$slot"
+  { echo "=================== $result: $*"; cat "$log"; } >>"$ALL_LOG"
+  echo "$result"
 }
+skip() { STEP=$(( STEP + 1 )); echo "SKIP  $1" >"$WORK/results/$(printf %02d "$STEP")_skip"; }
+run() { STEP=$(( STEP + 1 )); run_step "$STEP" "$@"; }
+# `together NAME CMD...` is `run`, except that with PARALLEL=1 the `together` commands up to the next `settle` run at once
+together() { STEP=$(( STEP + 1 )); if [ "$PARALLEL" = 1 ]; then run_step "$STEP" "$@" & else run_step "$STEP" "$@"; fi; }
+settle() { wait; }
 
 # ---------------------------------------------------------------------------------------------------- 1. equivalence
 cat >"$WORK/cuda_equivalence.py" <<'PY'
@@ -128,58 +154,68 @@ with torch.no_grad(), amp:
         off += len(s)
 print("packed row == samples alone (bf16)")
 PY
-run cuda_equivalence "$PYTHON" "$WORK/cuda_equivalence.py" "$ROOT"
-
-# ---------------------------------------------------------------------------------------------------- 2. benchmark
-BENCH=("$PYTHON" "$ROOT/scripts/bench_model.py" --device cuda --dtype bfloat16 --repeats 3)
-run bench "${BENCH[@]}"
-if [ -n "$PEER" ]; then
-  run bench_vs_peer "${BENCH[@]}" --peer "$PEER"
-else
-  RESULTS+=("SKIP  bench_vs_peer: no MiniMind checkout given (bash scripts/gpu_check.sh /path/to/minimind)")
+if [ "$CPU_DRY_RUN" = 1 ]; then skip "cuda_equivalence: CPU_DRY_RUN"; else
+  run cuda_equivalence "$PYTHON" "$WORK/cuda_equivalence.py" "$ROOT"
 fi
 
-# ---------------------------------------------------------------------------------------------------- 3. seed commands
+# ---------------------------------------------------------------------------------------------------- 2. seed commands
 DEMO="$ROOT/dataset/demo"
-MODEL=(--hidden_size 640 --num_hidden_layers 12 --use_moe 1 --headwise_attn_output_gate 1 --use_wandb)
-COMMON=(--max_steps 20 --save_dir "$WORK/out" --checkpoint_dir "$WORK/checkpoints" --save_interval 10)
+if "$PYTHON" -c "import wandb" 2>/dev/null; then WANDB=(--use_wandb); else WANDB=(); skip "--use_wandb: wandb is not installed for $PYTHON (the stages run without it)"; fi
+MODEL=(--hidden_size "$HIDDEN" --num_hidden_layers "$LAYERS" --use_moe 1 --headwise_attn_output_gate 1 "${WANDB[@]}")
+COMMON=(--max_steps "${MAX_STEPS:-20}" --save_dir "$WORK/out" --checkpoint_dir "$WORK/checkpoints" --save_interval 10)
+[ "$CPU_DRY_RUN" = 1 ] && COMMON+=(--device cpu --num_workers 0)
 TORCHRUN=(torchrun --nproc_per_node "$NPROC")
+# commands running at once each need their own rendezvous port: --standalone picks a free one
+[ "$PARALLEL" = 1 ] && TORCHRUN=(torchrun --standalone --nproc_per_node "$NPROC")
 cd "$ROOT/trainer" || exit 1
-run pretrain "${TORCHRUN[@]}" train_pretrain.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/pretrain.jsonl"
-run full_sft "${TORCHRUN[@]}" train_full_sft.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/sft.jsonl"
-run lora "${TORCHRUN[@]}" train_lora.py "${MODEL[@]}" "${COMMON[@]}" --save_dir "$WORK/out/lora" \
-  --from_dir "$WORK/out" --data_path "$DEMO/lora_identity.jsonl"
-run dpo "${TORCHRUN[@]}" train_dpo.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/dpo.jsonl"
-run distill_reason "${TORCHRUN[@]}" train_distill_reason.py "${MODEL[@]}" "${COMMON[@]}" \
-  --data_path "$DEMO/reason.jsonl"
-run distillation "${TORCHRUN[@]}" train_distillation.py --student_hidden_size 640 --student_num_layers 12 \
-  --teacher_hidden_size 640 --teacher_num_layers 12 --use_moe 1 --headwise_attn_output_gate 1 --use_wandb \
-  "${COMMON[@]}" --data_path "$DEMO/sft.jsonl"
-run ppo "${TORCHRUN[@]}" train_ppo.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/rlaif.jsonl" \
-  --reward_model_path none
-# the seed's GRPO flags, with the demo prompts and no reward model instead of the user's /root/autodl-tmp paths
-run grpo env CUDA_LAUNCH_BLOCKING=1 "${TORCHRUN[@]}" train_grpo.py "${MODEL[@]}" "${COMMON[@]}" \
-  --data_path "$DEMO/rlaif.jsonl" --reward_model_path none --num_generations 1 --max_gen_len 128 --reasoning 0
-run spo "${TORCHRUN[@]}" train_spo.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/rlaif.jsonl" \
-  --reward_model_path none
-
-# ---------------------------------------------------------------------------------------------------- 4. variants
-run pretrain_compile "${TORCHRUN[@]}" train_pretrain.py "${MODEL[@]}" "${COMMON[@]}" \
+together pretrain "${TORCHRUN[@]}" train_pretrain.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/pretrain.jsonl"
+together pretrain_compile "${TORCHRUN[@]}" train_pretrain.py "${MODEL[@]}" "${COMMON[@]}" \
   --data_path "$DEMO/pretrain.jsonl" --save_weight pretrain_compiled --use_compile 1
-if "$PYTHON" train_pretrain.py --help 2>/dev/null | grep -q -- "--grad_checkpointing"; then
-  run pretrain_grad_checkpointing "${TORCHRUN[@]}" train_pretrain.py "${MODEL[@]}" "${COMMON[@]}" \
-    --data_path "$DEMO/pretrain.jsonl" --save_weight pretrain_ckpt --grad_checkpointing 1
+together pretrain_grad_checkpointing "${TORCHRUN[@]}" train_pretrain.py "${MODEL[@]}" "${COMMON[@]}" \
+  --data_path "$DEMO/pretrain.jsonl" --save_weight pretrain_ckpt --grad_checkpointing 1
+settle
+run full_sft "${TORCHRUN[@]}" train_full_sft.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/sft.jsonl"
+together dpo "${TORCHRUN[@]}" train_dpo.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/dpo.jsonl"
+together lora "${TORCHRUN[@]}" train_lora.py "${MODEL[@]}" "${COMMON[@]}" --save_dir "$WORK/out/lora" \
+  --from_dir "$WORK/out" --data_path "$DEMO/lora_identity.jsonl"
+together distillation "${TORCHRUN[@]}" train_distillation.py --student_hidden_size "$HIDDEN" --student_num_layers "$LAYERS" \
+  --teacher_hidden_size "$HIDDEN" --teacher_num_layers "$LAYERS" --use_moe 1 --headwise_attn_output_gate 1 \
+  "${WANDB[@]}" "${COMMON[@]}" --data_path "$DEMO/sft.jsonl"
+EVAL_DEVICE=cuda; [ "$CPU_DRY_RUN" = 1 ] && EVAL_DEVICE=cpu
+together eval_llm sh -c 'printf "%s\n" "你好，请介绍一下你自己。" "1+1等于几？" |
+  "$0" ../eval_llm.py --weight full_sft --save_dir "$1" --device "$2" --max_new_tokens 64' \
+  "$PYTHON" "$WORK/out" "$EVAL_DEVICE"
+settle
+run distill_reason "${TORCHRUN[@]}" train_distill_reason.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/reason.jsonl"
+RL_GEN=(); [ -n "${RL_GEN_LEN:-}" ] && RL_GEN=(--max_gen_len "$RL_GEN_LEN")  # PPO/SPO generate up to 1536 tokens
+together ppo "${TORCHRUN[@]}" train_ppo.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/rlaif.jsonl" \
+  --reward_model_path none "${RL_GEN[@]}"
+# the seed's GRPO flags, with the demo prompts and no reward model instead of the user's /root/autodl-tmp paths
+together grpo env CUDA_LAUNCH_BLOCKING=1 "${TORCHRUN[@]}" train_grpo.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/rlaif.jsonl" \
+  --reward_model_path none --num_generations 1 --max_gen_len 128 --reasoning 0
+together spo "${TORCHRUN[@]}" train_spo.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/rlaif.jsonl" \
+  --reward_model_path none "${RL_GEN[@]}"
+settle
+cd "$ROOT" || exit 1
+
+# ---------------------------------------------------------------------------------------------------- 3. benchmark
+BENCH=("$PYTHON" "$ROOT/scripts/bench_model.py" --device cuda --dtype bfloat16 --repeats 3)
+if [ "$CPU_DRY_RUN" = 1 ]; then
+  skip "bench: CPU_DRY_RUN"
+elif [ -n "$PEER" ]; then
+  run bench_vs_peer "${BENCH[@]}" --peer "$PEER"
 else
-  RESULTS+=("SKIP  pretrain_grad_checkpointing: train_pretrain.py has no --grad_checkpointing flag")
+  run bench "${BENCH[@]}"
 fi
 
 # ---------------------------------------------------------------------------------------------------- summary
 echo
-echo "=== gpu_check summary (logs in $WORK/logs)"
+echo "=== gpu_check summary (logs in $WORK/logs, all of them in $ALL_LOG)" | tee -a "$ALL_LOG"
 failed=0
-for line in "${RESULTS[@]}"; do
-  echo "$line"
+for slot in "$WORK"/results/*; do
+  line="$(cat "$slot")"
+  echo "$line" | tee -a "$ALL_LOG"
   case "$line" in FAIL*) failed=$(( failed + 1 )) ;; esac
 done
-echo "=== $failed failed"
+echo "=== $failed failed" | tee -a "$ALL_LOG"
 [ "$failed" -eq 0 ]

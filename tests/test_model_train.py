@@ -285,3 +285,49 @@ def test_tiny_moe_traces_without_graph_breaks():
     explained = torch._dynamo.explain(step)(ids)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+def test_compiled_training_forward_does_not_recompile_as_batches_change():
+    """--use_compile 1 with packing: every micro-batch has its own number of rows and width. With the loop's dynamic
+    marks (trainer.spine.loop._mark_dynamic) and the loss's chunk loops as custom ops, batches of new shapes add no
+    compiled frame after a warm-up, and the compiled loss and gradients (aot_eager: the traced backward, custom ops
+    included) equal eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from trainer.spine.loop import _mark_dynamic
+    model = tiny_model(use_moe=True, headwise_attn_output_gate=True).train()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+
+    def batch(rows, width, seed):
+        ids = random_ids(rows, width, seed)
+        labels = ids.clone()
+        labels[:, :3] = -100  # an unsupervised prompt
+        mask = torch.ones_like(ids)
+        mask[-1, width - 5:] = 0  # the last row ends in padding
+        labels[-1, width - 5:] = -100
+        half = width // 2  # every row packs two segments
+        pos = torch.cat([torch.arange(half), torch.arange(width - half)]).expand(rows, -1).contiguous()
+        return dict(input_ids=ids, labels=labels, attention_mask=mask, position_ids=pos)
+
+    def step(m, b):
+        m.zero_grad(set_to_none=True)
+        out = m(**b)
+        (out.loss + out.aux_loss).backward()
+        return out.loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    try:
+        for shape in [(3, 40), (4, 38), (3, 37)]:
+            step(compiled, _mark_dynamic(batch(*shape, seed=sum(shape))))
+        warm = counter.frame_count
+        for shape in [(4, 40), (2, 33), (5, 39), (3, 24)]:
+            b = _mark_dynamic(batch(*shape, seed=sum(shape)))
+            loss, grads = step(compiled, b)
+        assert counter.frame_count == warm
+        loss_ref, grads_ref = step(model, b)
+        torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+        for g, r in zip(grads, grads_ref):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+    finally:
+        torch._dynamo.reset()

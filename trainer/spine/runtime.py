@@ -28,7 +28,10 @@ def init_distributed_mode(device: str = "cpu", timeout_s: float | None = None) -
     if use_cuda:
         torch.cuda.set_device(local_rank)
     timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("MINIMIND_DIST_TIMEOUT", 1800)))
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+    # device_id binds the NCCL communicator to this rank's GPU (no "guessing device ID" warning, no barrier on the
+    # wrong device)
+    kw = dict(device_id=torch.device("cuda", local_rank)) if use_cuda else {}
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout, **kw)
     return local_rank
 
 
