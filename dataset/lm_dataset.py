@@ -451,7 +451,20 @@ class JsonlDataset(Dataset):
         return render(self.tokenizer, messages[:-1] if drop_last else messages, tools, add_generation_prompt=drop_last)
 
 
-class PretrainDataset(JsonlDataset):
+class TokenItems:
+    """Items of one token sequence with a count of supervised targets (pretrain, SFT): what the start-up check of
+    samples with no target reads."""
+
+    @staticmethod
+    def targets_of(item):
+        return item["supervised"]
+
+    @staticmethod
+    def seq_lengths(item):
+        return [len(item["input_ids"])]
+
+
+class PretrainDataset(TokenItems, JsonlDataset):
     """{"text"} lines -> input_ids = <|im_start|> + text ids + <|im_end|> (each boundary token only when the text does
     not already start / end with it; first max_length tokens), labels = input_ids."""
 
@@ -472,16 +485,8 @@ class PretrainDataset(JsonlDataset):
         ids = torch.tensor(ids[:self.max_length], dtype=torch.long)
         return {"input_ids": ids, "labels": ids.clone(), "supervised": max(len(ids) - 1, 0)}
 
-    @staticmethod
-    def targets_of(item):
-        return item["supervised"]
 
-    @staticmethod
-    def seq_lengths(item):
-        return [len(item["input_ids"])]
-
-
-class SFTDataset(JsonlDataset):
+class SFTDataset(TokenItems, JsonlDataset):
     """Conversations rendered with the chat template; only assistant content + <|im_end|> is supervised."""
 
     expected = '{"conversations": ' + MESSAGES_FORMAT + ', "tools": [...] (optional)}'
@@ -494,14 +499,6 @@ class SFTDataset(JsonlDataset):
         text = self.render_messages(record, "conversations")
         input_ids, labels = tokenize_with_mask(self.tokenizer, text, self.max_length)
         return {"input_ids": input_ids, "labels": labels, "supervised": num_targets(labels)}
-
-    @staticmethod
-    def targets_of(item):
-        return item["supervised"]
-
-    @staticmethod
-    def seq_lengths(item):
-        return [len(item["input_ids"])]
 
 
 class DPODataset(JsonlDataset):

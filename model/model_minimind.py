@@ -600,7 +600,8 @@ def _register_lce_ops():
         hc.new_empty((), dtype=torch.float32), hc.new_empty(hc.shape[0], dtype=torch.float32)))
     torch.library.custom_op(
         "minimind::lce_backward", _lce_backward, mutates_args=(),
-        schema="(Tensor hc, Tensor w, Tensor targets, Tensor lse, Tensor grad, int chunk, bool need_w) -> (Tensor, Tensor)")
+        schema="(Tensor hc, Tensor w, Tensor targets, Tensor lse, Tensor grad, int chunk, bool need_w) "
+               "-> (Tensor, Tensor)")
     torch.library.register_fake("minimind::lce_backward", lambda hc, w, targets, lse, grad, chunk, need_w: (
         torch.empty_like(hc), w.new_empty(w.shape if need_w else 0, dtype=torch.float32)))
 
