@@ -41,7 +41,8 @@ export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_DIR="$WORK" HF_HUB_OFFLINE=1 TO
 if [ "$CPU_DRY_RUN" = 1 ]; then
   GPUS=0
   NPROC="${NPROC:-1}"
-elif ! command -v nvidia-smi >/dev/null 2>&1 || ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+elif ! command -v nvidia-smi >/dev/null 2>&1 ||
+     ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "gpu_check: no CUDA device visible to $PYTHON (nvidia-smi / torch.cuda.is_available()); nothing to check" >&2
   exit 2
 else
@@ -55,7 +56,8 @@ echo "gpu_check: $GPUS GPU(s), NPROC=$NPROC, PARALLEL=$PARALLEL, timeout ${STAGE
       '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" 2>&1 | tee -a "$ALL_LOG"
 
 STEP=0
-run_step() {  # run_step N NAME COMMAND... ; logs to $WORK/logs/NAME.log, the result line to $WORK/results/, the log to $ALL_LOG
+# run_step N NAME COMMAND...: log in $WORK/logs/NAME.log (then appended to $ALL_LOG), result line in $WORK/results/
+run_step() {
   local slot="$WORK/results/$(printf %02d "$1")_$2" name="$2"; shift 2
   local log="$WORK/logs/$name.log" start=$SECONDS status result
   echo "--- $name: $*"
@@ -75,8 +77,11 @@ run_step() {  # run_step N NAME COMMAND... ; logs to $WORK/logs/NAME.log, the re
 }
 skip() { STEP=$(( STEP + 1 )); echo "SKIP  $1" >"$WORK/results/$(printf %02d "$STEP")_skip"; }
 run() { STEP=$(( STEP + 1 )); run_step "$STEP" "$@"; }
-# `together NAME CMD...` is `run`, except that with PARALLEL=1 the `together` commands up to the next `settle` run at once
-together() { STEP=$(( STEP + 1 )); if [ "$PARALLEL" = 1 ]; then run_step "$STEP" "$@" & else run_step "$STEP" "$@"; fi; }
+# `together NAME CMD...` is `run`, except that with PARALLEL=1 the `together` commands before a `settle` run at once
+together() {
+  STEP=$(( STEP + 1 ))
+  if [ "$PARALLEL" = 1 ]; then run_step "$STEP" "$@" & else run_step "$STEP" "$@"; fi
+}
 settle() { wait; }
 
 # ---------------------------------------------------------------------------------------------------- 1. equivalence
@@ -160,7 +165,10 @@ fi
 
 # ---------------------------------------------------------------------------------------------------- 2. seed commands
 DEMO="$ROOT/dataset/demo"
-if "$PYTHON" -c "import wandb" 2>/dev/null; then WANDB=(--use_wandb); else WANDB=(); skip "--use_wandb: wandb is not installed for $PYTHON (the stages run without it)"; fi
+WANDB=(--use_wandb)
+if ! "$PYTHON" -c "import wandb" 2>/dev/null; then
+  WANDB=(); skip "--use_wandb: wandb is not installed for $PYTHON (the stages run without it)"
+fi
 MODEL=(--hidden_size "$HIDDEN" --num_hidden_layers "$LAYERS" --use_moe 1 --headwise_attn_output_gate 1 "${WANDB[@]}")
 COMMON=(--max_steps "${MAX_STEPS:-20}" --save_dir "$WORK/out" --checkpoint_dir "$WORK/checkpoints" --save_interval 10)
 [ "$CPU_DRY_RUN" = 1 ] && COMMON+=(--device cpu --num_workers 0)
@@ -178,21 +186,23 @@ run full_sft "${TORCHRUN[@]}" train_full_sft.py "${MODEL[@]}" "${COMMON[@]}" --d
 together dpo "${TORCHRUN[@]}" train_dpo.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/dpo.jsonl"
 together lora "${TORCHRUN[@]}" train_lora.py "${MODEL[@]}" "${COMMON[@]}" --save_dir "$WORK/out/lora" \
   --from_dir "$WORK/out" --data_path "$DEMO/lora_identity.jsonl"
-together distillation "${TORCHRUN[@]}" train_distillation.py --student_hidden_size "$HIDDEN" --student_num_layers "$LAYERS" \
-  --teacher_hidden_size "$HIDDEN" --teacher_num_layers "$LAYERS" --use_moe 1 --headwise_attn_output_gate 1 \
+together distillation "${TORCHRUN[@]}" train_distillation.py \
+  --student_hidden_size "$HIDDEN" --student_num_layers "$LAYERS" --teacher_hidden_size "$HIDDEN" \
+  --teacher_num_layers "$LAYERS" --use_moe 1 --headwise_attn_output_gate 1 \
   "${WANDB[@]}" "${COMMON[@]}" --data_path "$DEMO/sft.jsonl"
 EVAL_DEVICE=cuda; [ "$CPU_DRY_RUN" = 1 ] && EVAL_DEVICE=cpu
 together eval_llm sh -c 'printf "%s\n" "你好，请介绍一下你自己。" "1+1等于几？" |
   "$0" ../eval_llm.py --weight full_sft --save_dir "$1" --device "$2" --max_new_tokens 64' \
   "$PYTHON" "$WORK/out" "$EVAL_DEVICE"
 settle
-run distill_reason "${TORCHRUN[@]}" train_distill_reason.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/reason.jsonl"
+run distill_reason "${TORCHRUN[@]}" train_distill_reason.py "${MODEL[@]}" "${COMMON[@]}" \
+  --data_path "$DEMO/reason.jsonl"
 RL_GEN=(); [ -n "${RL_GEN_LEN:-}" ] && RL_GEN=(--max_gen_len "$RL_GEN_LEN")  # PPO/SPO generate up to 1536 tokens
 together ppo "${TORCHRUN[@]}" train_ppo.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/rlaif.jsonl" \
   --reward_model_path none "${RL_GEN[@]}"
 # the seed's GRPO flags, with the demo prompts and no reward model instead of the user's /root/autodl-tmp paths
-together grpo env CUDA_LAUNCH_BLOCKING=1 "${TORCHRUN[@]}" train_grpo.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/rlaif.jsonl" \
-  --reward_model_path none --num_generations 1 --max_gen_len 128 --reasoning 0
+together grpo env CUDA_LAUNCH_BLOCKING=1 "${TORCHRUN[@]}" train_grpo.py "${MODEL[@]}" "${COMMON[@]}" \
+  --data_path "$DEMO/rlaif.jsonl" --reward_model_path none --num_generations 1 --max_gen_len 128 --reasoning 0
 together spo "${TORCHRUN[@]}" train_spo.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/rlaif.jsonl" \
   --reward_model_path none "${RL_GEN[@]}"
 settle

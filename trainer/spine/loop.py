@@ -206,7 +206,7 @@ class TrainLoop:
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16 and
                                            ctx.device.type == "cuda")
         self._wrapped = []
-        self._compile = False
+        self._compile = bool(getattr(args, "use_compile", 0))  # torch.compile each wrapped module
         self.model = self.wrap(model)
 
         # resume: optimizer steps done, micro-batches done (global_step), data position (epoch + samples into it)
@@ -319,7 +319,6 @@ class TrainLoop:
     # -- wrapping
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """DDP/compile-wrap a trainable module; no_sync is applied to it on accumulation micro-steps."""
-        self._compile = bool(getattr(self.args, "use_compile", 0))
         wrapped = wrap_model(module, self.ctx, compile=self._compile)
         self._wrapped.append(wrapped)
         return wrapped
