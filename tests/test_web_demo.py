@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -78,11 +79,29 @@ def test_launcher_serves_page_and_real_model_replies(tiny_sft, browser, tmp_path
         page = browser.new_page()
         page.goto(url)
         page.wait_for_function("document.getElementById('model-name').textContent === 'full_sft_64'")
+        # greedy, so the page must show exactly what the same request through the API returns (a barely trained
+        # model may well answer with whitespace or only a <think> block: what matters is that the page shows it all)
         page.fill("#max_tokens", "40")
-        reply = send(page, "你好，请介绍一下你自己。")
-        assert reply.locator(".content").inner_text().strip()
+        page.evaluate("const t = document.getElementById('temperature'); t.value = '0';"
+                      "t.dispatchEvent(new Event('input'))")
+        question = "你好，请介绍一下你自己。"
+        reply = send(page, question)
         meta = reply.locator(".meta").inner_text()
-        assert "finish: " in meta and "prompt +" in meta and "error" not in meta
+        assert "finish: " in meta and "prompt +" in meta and "error" not in meta, meta
+        body = {"model": "full_sft_64", "messages": [{"role": "user", "content": question}], "temperature": 0,
+                "max_tokens": 40}
+        request = urllib.request.Request(url + "v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            api = json.load(r)
+        message, usage = api["choices"][0]["message"], api["usage"]
+        assert usage["completion_tokens"] >= 1
+        assert f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} reply" in meta
+        assert f"finish: {api['choices'][0]['finish_reason']}" in meta
+        assert reply.locator(".content").text_content() == (message["content"] or "")
+        think = reply.locator("details.think .think-text")
+        shown = think.text_content() if think.count() else ""
+        assert shown == (message.get("reasoning_content") or "")
         page.screenshot(path=str(tmp_path / "real_model.png"), full_page=True)
         assert (tmp_path / "real_model.png").stat().st_size > 5000
     finally:
