@@ -12,7 +12,8 @@ chat_template_kwargs.enable_thinking), and <think> text returned as reasoning_co
 Requests are QUEUED, not batched: one model is in memory and one generation runs at a time (a lock around
 model.generate), the others wait in arrival order (at most --max_queue, then 429). That is the simplest correct
 choice for a CPU or a single GPU running a small model; each stream still starts as soon as its turn comes.
-A client that disconnects mid-stream stops its generation at the next token; an error inside generation ends the
+A client that disconnects stops its generation at the next token (a non-stream request notices within 0.2 s,
+also while it waits in the queue); an error inside generation ends the
 stream with an error event; a malformed request gets a 4xx in OpenAI's error shape and the server keeps serving.
 The server binds 127.0.0.1 (this machine only) unless --host says otherwise; it has no authentication.
 """
@@ -223,12 +224,17 @@ def create_app(model, tokenizer, model_name: str, *, context: int | None = None,
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         stream = start()
         try:
-            events = await anyio.to_thread.run_sync(collect, stream, parser)
-        except GenerationError as e:
-            raise ApiError(500, str(e), type="server_error") from None
+            async with anyio.create_task_group() as watch:
+                watch.start_soon(cancel_on_disconnect, request, stream)
+                events, error = await anyio.to_thread.run_sync(collect, stream, parser)
+                watch.cancel_scope.cancel()
         finally:
             stream.cancel()
             state["pending"] -= 1
+        if isinstance(error, GenerationError):
+            raise ApiError(500, str(error), type="server_error")
+        if error is not None:
+            raise error
         msg = {"role": "assistant", "content": "".join(v for k, v in events if k == "content")}
         reasoning = "".join(v for k, v in events if k == "reasoning")
         if reasoning:
@@ -294,11 +300,24 @@ def create_app(model, tokenizer, model_name: str, *, context: int | None = None,
     return app
 
 
-def collect(stream, parser) -> list:
+async def cancel_on_disconnect(request: Request, stream, every: float = 0.2) -> None:
+    """A non-stream reply has nothing to write until it is done, so poll: a client gone while its request waits or
+    generates cancels the generation (and frees the queue) within `every` seconds instead of after max_tokens."""
+    while not await request.is_disconnected():
+        await anyio.sleep(every)
+    stream.cancel()
+
+
+def collect(stream, parser) -> tuple[list, Exception | None]:
+    """The whole reply's parser events, and the exception that ended it early if any (returned, not raised: it is
+    re-raised outside the task group, which would wrap it in an ExceptionGroup)."""
     events = []
-    for delta in stream:
-        events += parser.feed(delta)
-    return events + parser.finish()
+    try:
+        for delta in stream:
+            events += parser.feed(delta)
+    except Exception as e:  # noqa: BLE001
+        return events, e
+    return events + parser.finish(), None
 
 
 def event(obj) -> str:

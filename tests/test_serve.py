@@ -462,6 +462,21 @@ def test_client_disconnect_stops_generation(fake):
     assert r.choices[0].message.content == "You said: next"  # the lock was released
 
 
+def test_client_disconnect_stops_non_stream_generation(fake):
+    """A non-stream request has no body to write until the end; the server polls for the disconnect instead."""
+    runs_before = len(fake.model.runs)
+    body = {"messages": [{"role": "user", "content": "slow please"}], "max_tokens": 300}  # 6 s if not stopped
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(fake.url + "/v1/chat/completions", json=body, timeout=0.6)  # the client gives up and leaves
+    deadline = time.time() + 10
+    while len(fake.model.runs) == runs_before or not fake.model.runs[-1][1]:
+        assert time.time() < deadline, f"generation kept running after the client left: {fake.model.runs[-1:]}"
+        time.sleep(0.05)
+    assert fake.model.runs[-1][0] < 100  # stopped early (300 allowed; 50 tokens/s)
+    r = fake.client.chat.completions.create(model="x", messages=[{"role": "user", "content": "next"}])
+    assert r.choices[0].message.content == "You said: next"  # the lock was released
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The terminal client
 
