@@ -446,13 +446,9 @@ def test_queue_limit_answers_429(tokenizer):
         server.should_exit = True
 
 
-def test_client_disconnect_stops_generation(fake):
-    runs_before = len(fake.model.runs)
-    with httpx.stream("POST", fake.url + "/v1/chat/completions", timeout=30, json={
-            "messages": [{"role": "user", "content": "slow please"}], "stream": True, "max_tokens": 300}) as r:
-        lines = r.iter_lines()
-        got = [line for line, _ in zip(lines, range(8)) if line.startswith("data: ")]
-        assert len(got) >= 3
+def assert_stopped_early_and_lock_free(fake, runs_before):
+    """The slow generation a gone client started was cancelled (300 tokens allowed, 50 tokens/s) and the next
+    request gets the model."""
     deadline = time.time() + 10
     while len(fake.model.runs) == runs_before or not fake.model.runs[-1][1]:
         assert time.time() < deadline, f"generation kept running after the client left: {fake.model.runs[-1:]}"
@@ -460,6 +456,16 @@ def test_client_disconnect_stops_generation(fake):
     assert fake.model.runs[-1][0] < 100  # stopped early (300 allowed; 50 tokens/s)
     r = fake.client.chat.completions.create(model="x", messages=[{"role": "user", "content": "next"}])
     assert r.choices[0].message.content == "You said: next"  # the lock was released
+
+
+def test_client_disconnect_stops_generation(fake):
+    runs_before = len(fake.model.runs)
+    with httpx.stream("POST", fake.url + "/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "slow please"}], "stream": True, "max_tokens": 300}) as r:
+        lines = r.iter_lines()
+        got = [line for line, _ in zip(lines, range(8)) if line.startswith("data: ")]
+        assert len(got) >= 3
+    assert_stopped_early_and_lock_free(fake, runs_before)
 
 
 def test_client_disconnect_stops_non_stream_generation(fake):
@@ -468,13 +474,7 @@ def test_client_disconnect_stops_non_stream_generation(fake):
     body = {"messages": [{"role": "user", "content": "slow please"}], "max_tokens": 300}  # 6 s if not stopped
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(fake.url + "/v1/chat/completions", json=body, timeout=0.6)  # the client gives up and leaves
-    deadline = time.time() + 10
-    while len(fake.model.runs) == runs_before or not fake.model.runs[-1][1]:
-        assert time.time() < deadline, f"generation kept running after the client left: {fake.model.runs[-1:]}"
-        time.sleep(0.05)
-    assert fake.model.runs[-1][0] < 100  # stopped early (300 allowed; 50 tokens/s)
-    r = fake.client.chat.completions.create(model="x", messages=[{"role": "user", "content": "next"}])
-    assert r.choices[0].message.content == "You said: next"  # the lock was released
+    assert_stopped_early_and_lock_free(fake, runs_before)
 
 
 # ---------------------------------------------------------------------------------------------------------------
