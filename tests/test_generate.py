@@ -75,6 +75,17 @@ def test_greedy_equals_transformers_loop_batch1_and_left_padded(kw, monkeypatch)
     assert torch.equal(model.generate(ids, attention_mask=mask, cache_implementation="static", **gen), batch)
 
 
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens():
+    """generate(compile_decode=True): the decode step through torch.compile (opt-in, meant for CUDA) decodes a
+    left-padded batch exactly as the eager loop does (one compile, ~15 s on CPU)."""
+    model = tiny_model(headwise_attn_output_gate=True)
+    ids, mask = left_padded()
+    gen = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=mask)
+    assert torch.equal(model.generate(ids, compile_decode=True, **gen), model.generate(ids, **gen))
+    assert not model._compile_decode  # the flag does not outlive the call
+
+
 def test_long_generation_grows_the_kv_buffer():
     # the buffer starts at prompt + 256 positions and doubles: 300 new tokens cross that boundary
     model = tiny_model()
