@@ -331,6 +331,7 @@ def ratio(ours, peer, workload):
 
 def main(argv=None):
     args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # each config's table shows (or reaches a log) when it is done
     import torch
 
     from trainer.trainer_utils import resolve_dtype

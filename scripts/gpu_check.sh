@@ -23,7 +23,9 @@
 # mktemp -d), ALL_LOG (every command's log appended to one file; default $WORK/all.log), PYTHON (default: python),
 # HIDDEN / LAYERS / MAX_STEPS (model size and length of the stage commands, default 640 / 12 / 20), RL_GEN_LEN
 # (PPO/SPO --max_gen_len; default theirs, 1536), CPU_DRY_RUN=1 (no GPU: run only the stage commands, on the CPU
-# with gloo, to check the command lines themselves; use a small HIDDEN/LAYERS/MAX_STEPS).
+# with gloo, to check the command lines themselves; use a small HIDDEN/LAYERS/MAX_STEPS), BENCH_CONFIGS (the
+# benchmark's --configs, e.g. 640x12_moe_gate alone when device time is short; each config's table is printed as soon
+# as it is measured).
 set -u
 
 PEER="${1:-}"
@@ -210,6 +212,7 @@ cd "$ROOT" || exit 1
 
 # ---------------------------------------------------------------------------------------------------- 3. benchmark
 BENCH=("$PYTHON" "$ROOT/scripts/bench_model.py" --device cuda --dtype bfloat16 --repeats 3)
+[ -n "${BENCH_CONFIGS:-}" ] && BENCH+=(--configs "$BENCH_CONFIGS")
 if [ "$CPU_DRY_RUN" = 1 ]; then
   skip "bench: CPU_DRY_RUN"
 elif [ -n "$PEER" ]; then
