@@ -477,6 +477,22 @@ def test_client_disconnect_stops_non_stream_generation(fake):
     assert_stopped_early_and_lock_free(fake, runs_before)
 
 
+def test_non_stream_request_whose_client_left_in_the_queue_never_runs(fake):
+    prompts_before = len(fake.model.prompts)
+    body = {"messages": [{"role": "user", "content": "slow"}], "stream": True, "max_tokens": 60}  # ~1.2 s
+    with httpx.stream("POST", fake.url + "/v1/chat/completions", json=body, timeout=30) as first:
+        lines = first.iter_lines()
+        next(lines)  # generating: the next request waits for the lock
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(fake.url + "/v1/chat/completions", timeout=0.4,
+                       json={"messages": [{"role": "user", "content": "queued then gone"}]})
+        for _ in lines:
+            pass
+    r = fake.client.chat.completions.create(model="x", messages=[{"role": "user", "content": "next"}])
+    assert r.choices[0].message.content == "You said: next"
+    assert not any("queued then gone" in p for p in fake.model.prompts[prompts_before:])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The terminal client
 
