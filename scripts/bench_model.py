@@ -223,14 +223,13 @@ def build_rows(spec, args, device, mode_dtype, peer_dtype, peer_module):
     import torch
 
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-    from trainer.trainer_utils import build_optimizer
+    from trainer.trainer_utils import build_optimizer, enable_grad_checkpointing
 
     fields = parse_config(spec)
     torch.manual_seed(0)
     ours = MiniMindForCausalLM(MiniMindConfig(**fields)).to(device)
     if args.grad_checkpointing:
-        # transformers 5 name first; gradient_checkpointing_enable is its deprecated alias
-        (getattr(ours, "activation_checkpointing_enable", None) or ours.gradient_checkpointing_enable)()
+        enable_grad_checkpointing(ours)  # the trainers' --grad_checkpointing 1
     # the trainers' optimizer (trainer_utils.build_optimizer) for ours, MiniMind's plain AdamW for the peer; lr 0:
     # the same work every repeat (MoE routing included) for every row, AdamW still does all of its arithmetic
     opt = build_optimizer(ours, lr=0.0, device=device)

@@ -262,12 +262,10 @@ def test_gradient_checkpointing_same_gradients_less_saved(kw):
     model = tiny_model(**kw).train()
     ids = random_ids(2, 12)
     plain_bytes, plain = saved_bytes(lambda: loss_and_grads(model, ids))
-    # transformers 5 calls it activation_checkpointing_*; gradient_checkpointing_* is its deprecated alias
-    new = hasattr(model, "activation_checkpointing_enable")
-    (model.activation_checkpointing_enable if new else model.gradient_checkpointing_enable)()
+    model.activation_checkpointing_enable()  # transformers 5's name (gradient_checkpointing_* warn)
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     ckpt_bytes, ckpt = saved_bytes(lambda: loss_and_grads(model, ids))
-    (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+    model.activation_checkpointing_disable()
     assert not any(layer.gradient_checkpointing for layer in model.model.layers)
     torch.testing.assert_close(ckpt[0], plain[0], rtol=0, atol=0)
     for name in plain[2]:

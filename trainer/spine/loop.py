@@ -31,7 +31,7 @@ from trainer.spine.common import Logger, UserError
 from trainer.spine.guards import (EXIT_SIGNAL, StopSignals, TrainingDiverged, TrainingStopped, check_writable_dir,
                                   ignore_stop_signals_in_worker, remove_stale_temps)
 from trainer.spine.logs import MetricsFile, NoOpWandb, init_wandb  # noqa: F401 (re-exported)
-from trainer.spine.runtime import RunContext, cleanup_distributed, unwrap, wrap_model
+from trainer.spine.runtime import RunContext, cleanup_distributed, enable_grad_checkpointing, unwrap, wrap_model
 
 
 def get_lr(step: float, total_steps: float, lr: float, warmup: int = 0) -> float:
@@ -202,7 +202,8 @@ class TrainLoop:
             if stale:
                 Logger(f"removed {len(stale)} temporary file(s) left by an interrupted save: {', '.join(stale)}")
         if getattr(args, "grad_checkpointing", 0):
-            self._enable_grad_checkpointing(model)
+            enable_grad_checkpointing(model)
+            Logger("gradient checkpointing on: activations are recomputed in backward")
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16 and
                                            ctx.device.type == "cuda")
         self._wrapped = []
@@ -272,18 +273,6 @@ class TrainLoop:
                    + (f"pre-packed into rows of ~{GROUP_FILL * args.max_seq_len:.0f} tokens" if width else
                       "sorted by length") + f" (lengths estimated at {dataset.bytes_per_token:.2f} bytes/token)")
         return {"group_size": args.batch_size, "width": round(width, 3)}
-
-    def _enable_grad_checkpointing(self, model) -> None:
-        # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias) to activation_checkpointing_*
-        enable = getattr(model, "activation_checkpointing_enable", None) or \
-            getattr(model, "gradient_checkpointing_enable", None)
-        if enable is None:
-            raise UserError(f"--grad_checkpointing 1: {type(model).__name__} has no gradient_checkpointing_enable()")
-        try:
-            enable()
-        except ValueError as e:
-            raise UserError(f"--grad_checkpointing 1 is not supported by this model ({e}); pass 0") from None
-        Logger("gradient checkpointing on: activations are recomputed in backward")
 
     def _load_resume(self, ckp: dict) -> None:
         path = self.resume_path

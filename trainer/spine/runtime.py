@@ -167,6 +167,19 @@ def reduce_mean(values: list[float], device) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
+def enable_grad_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in backward (--grad_checkpointing 1, bench_model.py --grad_checkpointing 1).
+    transformers 5 calls it activation_checkpointing_enable; gradient_checkpointing_enable is its deprecated alias."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or \
+        getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise UserError(f"--grad_checkpointing 1: {type(model).__name__} has no gradient_checkpointing_enable()")
+    try:
+        enable()
+    except ValueError as e:
+        raise UserError(f"--grad_checkpointing 1 is not supported by this model ({e}); pass 0") from None
+
+
 def wrap_model(model: torch.nn.Module, ctx: RunContext, compile: bool = False) -> torch.nn.Module:
     """torch.compile (optional) then DDP. No buffers need syncing (RoPE tables are deterministic), so
     broadcast_buffers=False (the reference re-broadcast 2x8 MB of RoPE tables every forward)."""
