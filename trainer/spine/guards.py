@@ -10,9 +10,11 @@ Exit codes of every training script (run_main maps the exceptions below to them)
 from __future__ import annotations
 
 import glob
+import multiprocessing
 import os
 import re
 import signal
+import weakref
 
 import torch
 
@@ -84,6 +86,30 @@ def ignore_stop_signals_in_worker(worker_id: int) -> None:
     stop; a worker killed by it would break the batches still needed to reach the step boundary."""
     for sig in EXIT_SIGNAL:
         signal.signal(sig, signal.SIG_IGN)
+
+
+_LOADERS = weakref.WeakSet()  # DataLoader iterators whose workers end_data_workers() must stop
+
+
+def track_data_workers(batches):
+    """Register a DataLoader iterator (returned as is) so that an error ends its worker processes."""
+    if hasattr(batches, "_shutdown_workers"):
+        _LOADERS.add(batches)
+    return batches
+
+
+def end_data_workers() -> None:
+    """Stop every DataLoader worker of this process, now. Workers ignore SIGINT/SIGTERM (above), so one left alive
+    when an error unwinds the run (its iterator still referenced by the traceback) blocks Python's exit forever:
+    multiprocessing's exit hook SIGTERMs its daemonic children and then joins them. Tracked iterators are shut down
+    the way DataLoader does it (a stop message, a join); whatever child is still alive after that is killed."""
+    for batches in list(_LOADERS):
+        batches._shutdown_workers()
+    _LOADERS.clear()
+    for child in multiprocessing.active_children():
+        if child.daemon:  # DataLoader workers are daemonic; nothing else in a training process is
+            child.kill()
+            child.join(timeout=5)
 
 
 # ----------------------------------------------------------------------------------------------------------------

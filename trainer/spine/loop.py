@@ -29,7 +29,8 @@ from trainer.spine.checkpoint import (lm_checkpoint, load_trainable_state_dict, 
                                       save_weights, sidecar_path, weight_path)
 from trainer.spine.common import Logger, UserError
 from trainer.spine.guards import (EXIT_SIGNAL, StopSignals, TrainingDiverged, TrainingStopped, check_writable_dir,
-                                  ignore_stop_signals_in_worker, remove_stale_temps)
+                                  end_data_workers, ignore_stop_signals_in_worker, remove_stale_temps,
+                                  track_data_workers)
 from trainer.spine.logs import MetricsFile, NoOpWandb, init_wandb  # noqa: F401 (re-exported)
 from trainer.spine.runtime import RunContext, cleanup_distributed, enable_grad_checkpointing, unwrap, wrap_model
 
@@ -331,7 +332,7 @@ class TrainLoop:
                 loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
                                     num_workers=args.num_workers, pin_memory=pin, persistent_workers=False,
                                     worker_init_fn=ignore_stop_signals_in_worker if args.num_workers else None)
-                batches, n, i = iter(loader), len(sampler), 0
+                batches, n, i = track_data_workers(iter(loader)), len(sampler), 0
                 self.epoch = epoch
                 done_before = self.iters_per_epoch - n  # micro-steps of this epoch run before a resume
                 while i < n:
@@ -382,6 +383,7 @@ class TrainLoop:
                 self.skip_samples = 0
         finally:
             signals.restore()
+            end_data_workers()  # an error (or a stop) leaves this epoch's workers alive
         if self.updates == 0:  # e.g. every window empty; a diverged run has raised already
             why = (f"all {self.empty_windows} steps had no supervised token (is --max_seq_len "
                    f"{getattr(args, 'max_seq_len', '?')} cutting every answer?)" if self.empty_windows

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.spine.common import UserError
 from trainer.spine.guards import (EXIT_DIVERGED, EXIT_SIGNAL, EXIT_USER, TrainingDiverged, TrainingStopped,
-                                  unwrap_worker_message)
+                                  end_data_workers, unwrap_worker_message)
 
 
 def init_distributed_mode(device: str = "cpu", timeout_s: float | None = None) -> int:
@@ -127,7 +127,11 @@ def run_main(main, interrupted: str = "interrupted: stopped at once; nothing was
     rank = int(os.environ.get("RANK", 0))
     prefix = f"[rank {rank}] " if "RANK" in os.environ else ""
     try:
-        main()
+        try:
+            main()
+        except BaseException:
+            end_data_workers()  # before any exit: a live worker would keep the process from ending
+            raise
     except TrainingStopped as e:  # every rank stops at the same step; one message is enough
         if rank == 0:
             print(f"\n{e}", file=sys.stderr if e.code else sys.stdout, flush=True)
