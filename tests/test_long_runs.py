@@ -131,9 +131,9 @@ def test_full_disk_names_the_file_keeps_the_previous_save_and_stale_temps_go(tin
         p.write_bytes(b"x" * 100)
     real_save, calls = torch.save, []
 
-    def save(obj, f, *a, **k):  # the third torch.save (the second save's weights) hits a full disk mid-write
+    def save(obj, f, *a, **k):  # the fourth torch.save (the second save's weights) hits a full disk mid-write
         calls.append(f)
-        if len(calls) == 3:
+        if len(calls) == 4:
             open(f, "wb").write(b"partial")
             raise OSError(28, "No space left on device", str(f))
         return real_save(obj, f, *a, **k)
@@ -147,7 +147,9 @@ def test_full_disk_names_the_file_keeps_the_previous_save_and_stale_temps_go(tin
     assert sorted(p.name for p in out.iterdir()) == ["other_64.pth.tmp1", "pretrain_64.json", "pretrain_64.pth"]
     monkeypatch.undo()
     assert json.loads((out / "pretrain_64.json").read_text())["step"] == 2  # the previous save, intact
-    assert torch.load(ck / "pretrain_64_resume.pth", weights_only=True)["opt_step"] == 2
+    # the resume file is written first and on its own: the run can go on from the step whose weights failed
+    assert torch.load(ck / "pretrain_64_resume.pth", weights_only=True)["opt_step"] == 4
+    assert "resume with --from_resume 1 from step 4" in err
     assert len(weights(out / "pretrain_64.pth")) > 0
 
 

@@ -110,3 +110,90 @@ def test_an_error_on_one_rank_with_workers_ends_torchrun(tmp_path):
            driver(tmp_path, fault), ROOT / PRE, *pretrain_args(tmp_path)]
     rc, out = run_with_timeout(cmd, tmp_path, timeout=180, env=env)
     assert rc != 0 and "out of memory (simulated)" in out
+
+
+# ------------------------------------------------------------------------------------------------ a real failed save
+
+def limit_file_size_after_step(monkeypatch, step: int, limit: int):
+    """From optimizer step `step` on, files this process writes may not grow past `limit` bytes: the kernel refuses
+    the write (EFBIG; Python ignores SIGXFSZ), exactly as a full disk refuses it. Only the soft limit is lowered."""
+    import resource
+    from trainer.trainer_utils import TrainLoop
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    original = TrainLoop._optimizer_step
+
+    def step_then_limit(self):
+        original(self)
+        if self.opt_step + 1 == step:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    monkeypatch.setattr(TrainLoop, "_optimizer_step", step_then_limit)
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+@pytest.mark.parametrize("limit,failed,written", [
+    (200_000, ["checkpoints/pretrain_64_resume.pth", "out/pretrain_64.pth"], []),  # both larger: nothing new
+    (3_000_000, ["checkpoints/pretrain_64_resume.pth"], ["out/pretrain_64.pth"]),  # weights ~1 MB, resume ~6 MB
+], ids=["both_fail", "resume_fails_weights_written"])
+def test_a_real_failed_save_is_one_line_and_leaves_a_resumable_checkpoint(limit, failed, written, tmp_path, capsys,
+                                                                         monkeypatch):
+    restore = limit_file_size_after_step(monkeypatch, 3, limit)
+    args = [*TINY, *dirs(tmp_path), "--data_path", DEMO / "pretrain.jsonl", "--batch_size", "2",
+            "--accumulation_steps", "1", "--max_steps", "4", "--save_interval", "2"]
+    try:
+        code, _, err = run_inprocess(PRE, *args, capsys=capsys)
+    finally:
+        restore()
+    monkeypatch.undo()
+    assert code == 1 and "Traceback" not in err, err
+    line = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and all(f"cannot write {tmp_path / f}" in line[0] for f in failed), err
+    assert all(str(tmp_path / f) in line[0] for f in written) and "--from_resume 1" in line[0]
+    assert not list(tmp_path.glob("*/*.tmp*"))  # the half-written temp files are gone
+    ckp = torch.load(tmp_path / "checkpoints/pretrain_64_resume.pth", weights_only=True)
+    assert ckp["opt_step"] == 2  # the previous resume file, intact
+    side = json.loads((tmp_path / "out/pretrain_64.json").read_text())
+    assert side["step"] == (4 if written else 2)
+    assert len(torch.load(tmp_path / "out/pretrain_64.pth", weights_only=True)) > 0
+    code, out, _ = run_inprocess(PRE, *args, "--from_resume", "1", capsys=capsys)
+    assert code == 0 and "resumed from" in out and "step 2" in out
+
+
+# ------------------------------------------------------------------------------------------------ resume identity
+
+def test_a_resume_file_of_another_stage_data_or_seed_is_refused(tmp_path, capsys):
+    base = [*TINY, *dirs(tmp_path), "--batch_size", "2", "--accumulation_steps", "1", "--from_weight", "none"]
+    pre = [*base, "--data_path", DEMO / "pretrain.jsonl", "--save_weight", "full_sft", "--max_steps", "2"]
+    assert run_inprocess(PRE, *pre, capsys=capsys)[0] == 0
+    resume = tmp_path / "checkpoints" / "full_sft_64_resume.pth"
+    before = resume.read_bytes()
+
+    # SFT with the pretraining run's resume file (same --save_weight): refused, nothing touched
+    code, _, err = run_inprocess(SFT, *base, "--data_path", DEMO / "sft.jsonl", "--max_steps", "4",
+                                 "--from_resume", "1", capsys=capsys)
+    assert code == 1 and "Traceback" not in err
+    assert f"resume file {resume} belongs to another run (stage Pretrain, data {DEMO / 'pretrain.jsonl'}" in err
+    assert f"not this one (stage Full-SFT, data {DEMO / 'sft.jsonl'}" in err
+    assert "pass another --save_weight" in err and "delete the resume file" in err
+    assert resume.read_bytes() == before
+
+    # the same stage on other data, or with another seed: refused too
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join((DEMO / "pretrain.jsonl").read_text().splitlines(keepends=True)[:1000]))
+    code, _, err = run_inprocess(PRE, *[str(a) for a in pre[:-1]], "4", "--data_path", other, "--from_resume", "1",
+                                 capsys=capsys)
+    assert code == 1 and "belongs to another run" in err and "(1000 records" in err
+    code, _, err = run_inprocess(PRE, *pre[:-1], "4", "--seed", "7", "--from_resume", "1", capsys=capsys)
+    assert code == 1 and "seed 42), not this one" in err and "seed 7)" in err
+
+    # an identical copy of the data elsewhere is the same data
+    copy = tmp_path / "copy.jsonl"
+    shutil.copy(DEMO / "pretrain.jsonl", copy)
+    code, out, _ = run_inprocess(PRE, *pre[:-1], "3", "--data_path", copy, "--from_resume", "1", capsys=capsys)
+    assert code == 0 and "resumed from" in out and "step 3/3" in out
+
+    # a resume file from before the record: used, with a warning
+    ckp = torch.load(resume, weights_only=True)
+    del ckp["run_identity"]
+    torch.save(ckp, resume)
+    code, out, _ = run_inprocess(PRE, *pre[:-1], "4", "--from_resume", "1", capsys=capsys)
+    assert code == 0 and "does not record which stage and data it belongs to" in out and "step 4/4" in out

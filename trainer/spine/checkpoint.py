@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import pickle
+import re
+import shutil
 import zipfile
 
 import torch
@@ -23,25 +25,44 @@ def weight_path(save_dir: str, weight: str, hidden_size: int, use_moe) -> str:
 
 
 def _atomic_write(write, path: str) -> None:
-    """write(tmp) then rename over path: a crash or a full disk mid-write never touches the previous file. An
-    OSError (disk full, no permission) becomes one SaveError line naming the file; the temp file is removed."""
+    """write(tmp) then rename over path: a crash or a full disk mid-write never touches the previous file. A failed
+    write (disk full, file size limit, no permission, I/O error) becomes one SaveError line naming the file and the
+    reason; the temp file is removed."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        raise SaveError(f"cannot write {path}: {e.strerror or e}; the previous file (if any) is intact. Free disk "
-                        "space or pass a writable --save_dir/--checkpoint_dir, then resume with --from_resume 1") \
-            from None
-    except RuntimeError as e:  # torch.save reports a failed write (e.g. ENOSPC inside the zip writer) this way
-        if "PytorchStreamWriter" not in str(e) and "write failed" not in str(e):
+        raise SaveError(f"cannot write {path}: {e.strerror or e}") from None
+    except RuntimeError as e:
+        # torch.save's C++ writer reports a failed write as a RuntimeError whose text depends on where it failed:
+        # "[enforce fail at inline_container.cc:N] . unexpected pos ..." (EFBIG/ENOSPC mid-file), "... open file
+        # failed with strerror: ...", "PytorchStreamWriter failed writing file ...", "basic_ios::clear: iostream
+        # error". Anything else (e.g. an object that cannot be pickled) is a bug and keeps its traceback.
+        if not _TORCH_WRITE_FAILED.search(str(e)):
             raise
-        raise SaveError(f"cannot write {path}: {str(e).splitlines()[0]}; the previous file (if any) is intact. Free "
-                        "disk space or pass a writable --save_dir/--checkpoint_dir") from None
+        raise SaveError(f"cannot write {path}: {_write_failure_reason(str(e), path)}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+_TORCH_WRITE_FAILED = re.compile(r"inline_container\.cc|PytorchStreamWriter|file write failed|iostream error")
+
+
+def _write_failure_reason(msg: str, path: str) -> str:
+    """What a user can act on: torch's strerror when it has one, else the free space (the usual cause)."""
+    found = re.search(r"strerror: (.+)", msg)
+    if found:
+        return found.group(1).strip()
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError:
+        free = None
+    where = f"{free / 2**20:.0f} MiB free there" if free is not None else "free space unknown"
+    first = msg.strip().splitlines()[0] if msg.strip() else "no message"
+    return f"the write failed ({where}; a full disk, a file size limit or an I/O error; torch: {first[:120]})"
 
 
 def atomic_save(obj, path: str) -> None:
@@ -318,3 +339,50 @@ def load_trainable_state_dict(model: torch.nn.Module, sd: dict, path: str) -> No
         with torch.no_grad():
             for k, v in sd.items():
                 params[k].copy_(v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a resume file belongs to
+
+def data_fingerprint(path: str, records: int) -> dict:
+    """The data file's identity, by content: size, record count and a hash of its first and last MiB, so a copied
+    or re-downloaded identical file matches and an edited, appended or other file does not (nearly always: only an
+    edit in the middle that keeps the size and the record count passes). The path is kept for the message."""
+    h, size = hashlib.sha256(), os.path.getsize(path)
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(size - (1 << 20))
+        h.update(f.read(1 << 20))
+    return {"path": os.path.abspath(path), "size": size, "records": records, "sha256_ends": h.hexdigest()[:16]}
+
+
+def run_identity(stage: str, dataset, args) -> dict:
+    """What makes a resume file fit a run: the stage, the data file and the seed of the data order (batch size and
+    world size may change on resume; the order is one global permutation)."""
+    file = getattr(dataset, "file", None)
+    data = data_fingerprint(file.path, len(dataset)) if file is not None and os.path.isfile(file.path) else \
+        {"path": getattr(args, "data_path", None), "records": len(dataset)}
+    return {"stage": stage, "data": data, "seed": getattr(args, "seed", 42)}
+
+
+def _describe(identity: dict) -> str:
+    d = identity.get("data") or {}
+    return (f"stage {identity.get('stage')}, data {d.get('path')} ({d.get('records')} records, {d.get('size')} "
+            f"bytes), seed {identity.get('seed')}")
+
+
+def check_resume_identity(ckp: dict, identity: dict, path: str) -> None:
+    """Refuse a resume file written by another stage, on other data or with another seed: it would skip the wrong
+    samples and overwrite this run's weights. Files from before this record are accepted with a warning."""
+    recorded = ckp.get("run_identity")
+    if recorded is None:
+        Logger(f"WARNING: resume file {path} does not record which stage and data it belongs to (written by an "
+               "older version); it is used as is. Pass another --save_weight if it is not this run's")
+        return
+    keys = ("size", "records", "sha256_ends")
+    same_data = all(recorded.get("data", {}).get(k) == identity["data"].get(k) for k in keys)
+    if recorded.get("stage") != identity["stage"] or not same_data or recorded.get("seed") != identity["seed"]:
+        raise UserError(f"resume file {path} belongs to another run ({_describe(recorded)}), not this one "
+                        f"({_describe(identity)}); pass another --save_weight for this run, or delete the resume "
+                        "file (or pass --from_resume 0) to start this one over")

@@ -25,11 +25,11 @@ from torch.utils.data import DataLoader, Sampler
 
 from dataset.lm_dataset import GROUP_CHUNK, GROUP_FILL, group_by_length
 from model.model_minimind import MiniMindConfig
-from trainer.spine.checkpoint import (lm_checkpoint, load_trainable_state_dict, read_sidecar, resume_path,
-                                      save_weights, sidecar_path, weight_path)
+from trainer.spine.checkpoint import (check_resume_identity, lm_checkpoint, load_trainable_state_dict, read_sidecar,
+                                      resume_path, run_identity, save_weights, sidecar_path, weight_path)
 from trainer.spine.common import Logger, UserError
-from trainer.spine.guards import (EXIT_SIGNAL, StopSignals, TrainingDiverged, TrainingStopped, check_writable_dir,
-                                  end_data_workers, ignore_stop_signals_in_worker, remove_stale_temps,
+from trainer.spine.guards import (EXIT_SIGNAL, SaveError, StopSignals, TrainingDiverged, TrainingStopped,
+                                  check_writable_dir, end_data_workers, ignore_stop_signals_in_worker, remove_stale_temps,
                                   track_data_workers)
 from trainer.spine.logs import MetricsFile, NoOpWandb, init_wandb  # noqa: F401 (re-exported)
 from trainer.spine.runtime import RunContext, cleanup_distributed, enable_grad_checkpointing, unwrap, wrap_model
@@ -216,7 +216,10 @@ class TrainLoop:
         self.order, self.resumed_order = self._grouping(args, dataset), None
         self._epoch_order = self.order
         self.bad_steps, self.bad_in_a_row, self.empty_windows, self.overflow_steps = 0, 0, 0, 0
+        self.identity = run_identity(stage, dataset, args)
         ckp = lm_checkpoint(config, self.weight_name, save_dir=args.checkpoint_dir) if args.from_resume else None
+        if ckp is not None:
+            check_resume_identity(ckp, self.identity, self.resume_path)
         if args.from_resume and ckp is None:
             Logger(f"--from_resume 1 but no {self.resume_path}: starting from scratch")
         if ckp is not None:
@@ -300,7 +303,8 @@ class TrainLoop:
         self.bad_steps, self.empty_windows = ckp.get("bad_steps", 0), ckp.get("empty_windows", 0)
         Logger(f"resumed from {path}: step {self.opt_step}, epoch {self.start_epoch + 1}, {self.skip_samples} "
                f"samples into it (saved with world size {ckp.get('world_size')}, now {self.ctx.world_size})")
-        # weights and resume file are written together; a kill between the two leaves the weights one save ahead
+        # resume file and weights are written one after the other: a kill between the two, or a failed write of one,
+        # leaves the weights a save behind or ahead
         side = read_sidecar(self.weights_path) if os.path.exists(self.weights_path) else None
         if side and side.get("stage") == self.stage and side.get("step", self.opt_step) != self.opt_step:
             Logger(f"NOTE: {self.weights_path} is from step {side.get('step')}, the resume file from step "
@@ -559,26 +563,52 @@ class TrainLoop:
         self._reset_log()
 
     def save(self, epoch: int, samples: int) -> None:
-        """Weights (fp16 + sidecar) and the resume file (fp32 + optimizer + data position), rank 0 only.
-        Both describe the same optimizer step; both refuse non-finite weights."""
+        """The resume file (fp32 + optimizer + data position) and the weights (fp16 + sidecar), rank 0 only.
+        Both describe the same optimizer step; both refuse non-finite weights. Each is written on its own, the resume
+        file first: when one write fails (full disk, size limit, permissions) the other is still written, so a run
+        whose weights cannot be written can still be resumed; the failure then ends the run with one line."""
         if not self.ctx.is_main or self._saved_at == self.opt_step or self.updates == 0:
             return
         self._saved_at = self.opt_step
         m = unwrap(self.raw_model)
         was_training = m.training
         m.eval()
-        save_weights(self.weights_state(m), self.weights_path, self.config, tokenizer=self.tokenizer,
-                     stage=self.stage, weight=self.args.save_weight, epoch=epoch, step=self.opt_step,
-                     global_step=self.opt_step, tokenizer_path=getattr(self.args, "tokenizer_path", None),
-                     args=vars(self.args))
+        failed, written = [], []
         extras = {"scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, **self.resume_objects}
-        lm_checkpoint(self.config, self.weight_name, model=m, optimizer=self.optimizers, epoch=epoch, step=self.step,
-                      wandb=self.wandb, save_dir=self.args.checkpoint_dir, samples=samples,
-                      global_step=self.global_step, opt_step=self.opt_step, weights_step=self.opt_step,
-                      bad_steps=self.bad_steps, empty_windows=self.empty_windows,
-                      data_order=self._epoch_order if samples else self.order, **extras)
+        try:
+            lm_checkpoint(self.config, self.weight_name, model=m, optimizer=self.optimizers, epoch=epoch,
+                          step=self.step, wandb=self.wandb, save_dir=self.args.checkpoint_dir, samples=samples,
+                          global_step=self.global_step, opt_step=self.opt_step, weights_step=self.opt_step,
+                          bad_steps=self.bad_steps, empty_windows=self.empty_windows,
+                          data_order=self._epoch_order if samples else self.order, run_identity=self.identity,
+                          **extras)
+            written.append(self.resume_path)
+        except SaveError as e:
+            failed.append(str(e))
+        try:
+            save_weights(self.weights_state(m), self.weights_path, self.config, tokenizer=self.tokenizer,
+                         stage=self.stage, weight=self.args.save_weight, epoch=epoch, step=self.opt_step,
+                         global_step=self.opt_step, tokenizer_path=getattr(self.args, "tokenizer_path", None),
+                         args=vars(self.args))
+            written.append(self.weights_path)
+        except SaveError as e:
+            failed.append(str(e))
         m.train(was_training)
+        if failed:
+            raise SaveError(self._save_failure(failed, written))
         self._last_save = (self.resume_path, self.opt_step)
+
+    def _save_failure(self, failed: list[str], written: list[str]) -> str:
+        """One line: what could not be written and why, what was, and from where the run can go on."""
+        done = f"wrote {' and '.join(written)} (step {self.opt_step})" if written else "nothing new was written"
+        if self.resume_path in written:
+            resume = f"resume with --from_resume 1 from step {self.opt_step}"
+        elif self._last_save:
+            resume = f"resume with --from_resume 1 from step {self._last_save[1]}"
+        else:
+            resume = "then start again (no resume file was written by this run)"
+        return (f"{'; '.join(failed)}; {done}; the previous files are intact. Free disk space or pass a writable "
+                f"--save_dir/--checkpoint_dir, then {resume}")
 
     def finish(self) -> None:
         if self.ctx.ddp:
