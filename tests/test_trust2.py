@@ -197,3 +197,43 @@ def test_a_resume_file_of_another_stage_data_or_seed_is_refused(tmp_path, capsys
     torch.save(ckp, resume)
     code, out, _ = run_inprocess(PRE, *pre[:-1], "4", "--from_resume", "1", capsys=capsys)
     assert code == 0 and "does not record which stage and data it belongs to" in out and "step 4/4" in out
+
+
+# ------------------------------------------------------------------------------------------------ progress and files
+
+def test_the_plan_and_the_first_step_are_printed_and_a_failed_fresh_run_keeps_the_old_metrics(tmp_path, capsys,
+                                                                                            monkeypatch):
+    args = [*TINY, *dirs(tmp_path), "--data_path", DEMO / "pretrain.jsonl", "--batch_size", "4",
+            "--accumulation_steps", "2", "--max_steps", "3", "--log_interval", "100"]
+    code, out, _ = run_inprocess(PRE, *args, capsys=capsys)
+    assert code == 0
+    assert ("plan: 5,000 samples x 1 epoch(s) -> 3 optimizer steps; 8 samples per step (4 batch x 2 accumulation "
+            "x 1 process(es)), up to 1,024 tokens per step (--max_seq_len 128)") in out
+    assert f"weights -> {tmp_path / 'out' / 'pretrain_64.pth'}" in out
+    assert "step 1/3 |" in out and "step 2/3 |" not in out and "step 3/3 |" in out
+    metrics = tmp_path / "checkpoints" / "pretrain_64_metrics.jsonl"
+    assert [json.loads(r)["global_step"] for r in metrics.read_text().splitlines()] == [3]  # rows stay per interval
+    before = metrics.read_bytes()
+
+    # a fresh run that fails in its first step leaves the previous run's metrics as they were
+    from trainer.trainer_utils import TrainLoop, UserError
+
+    def fail(self):
+        raise UserError("simulated failure in the first step")
+    monkeypatch.setattr(TrainLoop, "_optimizer_step", fail)
+    code, _, err = run_inprocess(PRE, *args, capsys=capsys)
+    assert code == 1 and "simulated failure" in err
+    assert metrics.read_bytes() == before
+
+
+def test_raising_max_steps_on_resume_says_the_lr_schedule_changes(tmp_path, capsys):
+    args = [*TINY, *dirs(tmp_path), "--data_path", DEMO / "pretrain.jsonl", "--batch_size", "2",
+            "--accumulation_steps", "1", "--learning_rate", "1e-3"]
+    assert run_inprocess(PRE, *args, "--max_steps", "4", capsys=capsys)[0] == 0
+    code, out, _ = run_inprocess(PRE, *args, "--max_steps", "8", "--from_resume", "1", capsys=capsys)
+    # get_lr by hand: step k (1-based) uses 0.1 + 0.45 * (1 + cos(pi * (k - 1) / total)) times the peak lr; step 4
+    # of 4: 0.1 + 0.45 * (1 - 0.70711) = 0.23180; step 5 of 8: 0.1 + 0.45 * (1 + 0) = 0.55
+    assert code == 0 and "NOTE: --max_steps 4 -> 8 changes the learning-rate schedule" in out
+    assert "lr goes from 2.318e-04 (step 4) to 5.500e-04 (step 5)" in out
+    code, out, _ = run_inprocess(PRE, *args, "--max_steps", "9", "--from_resume", "1", capsys=capsys)
+    assert code == 0 and "--max_steps 8 -> 9" in out

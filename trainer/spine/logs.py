@@ -46,12 +46,18 @@ class MetricsFile:
 
     def __init__(self, path: str | None):
         self.path = path if is_main_process() else None
+        self._keep = None  # the truncation asked for, done by the first write
         if self.path:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
 
     def truncate_after(self, step: int) -> None:
-        """Keep the rows up to optimizer step `step` (0: start a new file): a resumed run re-logs what followed."""
-        if not self.path or not os.path.exists(self.path):
+        """Keep the rows up to optimizer step `step` (0: start a new file): a resumed run re-logs what followed.
+        Done when the first row is written, so a run that fails before its first logged step leaves the previous
+        run's file as it was."""
+        self._keep = step
+
+    def _truncate(self, step: int) -> None:
+        if not os.path.exists(self.path):
             return
         kept = []
         with open(self.path, encoding="utf-8") as f:
@@ -68,5 +74,8 @@ class MetricsFile:
 
     def write(self, row: dict) -> None:
         if self.path:
+            if self._keep is not None:
+                self._truncate(self._keep)
+                self._keep = None
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

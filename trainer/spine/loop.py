@@ -240,6 +240,8 @@ class TrainLoop:
         # --max_steps that ends the run early also ends the cosine there; otherwise the cosine follows samples
         self.step_schedule = bool(args.max_steps) and args.max_steps < natural_total
         self.total_samples = args.epochs * len(dataset)
+        if ckp is not None:
+            self._note_schedule_change(ckp)
         if ckp is not None and self.opt_step >= self.total_steps:
             self._release()
             raise TrainingStopped(f"already finished at step {self.opt_step} ({self.weights_path}); nothing to do. "
@@ -259,6 +261,24 @@ class TrainLoop:
         self._saved_at = None
         self._window, self._units_total, self.units = 1, None, None
         self.epoch, self.step = self.start_epoch, 0
+        if ctx.is_main:
+            self._print_plan(len(dataset), metrics_path)
+
+    def _print_plan(self, samples: int, metrics_path: str) -> None:
+        """What the run will do, before the first step (which may take a while to show with a big model)."""
+        args, per_step = self.args, self.args.batch_size * self.accum * self.ctx.world_size
+        seq = getattr(args, "max_seq_len", None)
+        # token datasets only: an RL sample is a prompt whose rollout length the stage decides
+        seqs = per_step * getattr(self.dataset, "sequences", 1)
+        tokens = f", up to {seqs * seq:,} tokens per step (--max_seq_len {seq})" \
+            if seq and hasattr(self.dataset, "targets_of") else ""
+        left = self.total_steps - self.opt_step
+        Logger(f"plan: {samples:,} samples x {args.epochs} epoch(s) -> {left:,} optimizer steps"
+               + (f" (steps {self.opt_step + 1}-{self.total_steps})" if self.opt_step else "")
+               + f"; {per_step} samples per step ({args.batch_size} batch x {self.accum} accumulation x "
+               f"{self.ctx.world_size} process(es)){tokens}; a progress line every {args.log_interval} steps, a "
+               f"save every {args.save_interval} steps and at the end")
+        Logger(f"plan: weights -> {self.weights_path}; resume file -> {self.resume_path}; metrics -> {metrics_path}")
 
     def _grouping(self, args, dataset) -> dict:
         """The sampler's length grouping for --group_by_length: blocks of batch_size samples; with --pack 1 they
@@ -309,6 +329,19 @@ class TrainLoop:
         if side and side.get("stage") == self.stage and side.get("step", self.opt_step) != self.opt_step:
             Logger(f"NOTE: {self.weights_path} is from step {side.get('step')}, the resume file from step "
                    f"{self.opt_step}; training continues from step {self.opt_step} and the next save replaces it")
+
+    def _note_schedule_change(self, ckp: dict) -> None:
+        """--max_steps or --epochs changed on resume: the cosine is stretched or shrunk, so the lr jumps at once."""
+        old = ckp.get("schedule")
+        new = {"max_steps": self.args.max_steps, "epochs": self.args.epochs}
+        if not old or old == new:
+            return
+        before = self._lr()  # the resumed optimizer's lr: the one its last step used
+        self._set_lr(self.start_epoch * len(self.dataset) + self.skip_samples)
+        changed = ", ".join(f"--{k} {old.get(k)} -> {new[k]}" for k in new if old.get(k) != new[k])
+        Logger(f"NOTE: {changed} changes the learning-rate schedule of this resumed run: the cosine now ends at "
+               f"step {self.total_steps}, so the lr goes from {before:.3e} (step {self.opt_step}) to "
+               f"{self._lr():.3e} (step {self.opt_step + 1})")
 
     # -- wrapping
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -376,6 +409,8 @@ class TrainLoop:
                     last = (epoch_done and epoch == args.epochs - 1) or self.opt_step >= self.total_steps
                     if self.opt_step % args.log_interval == 0 or epoch_done or last:
                         self._log(epoch * len(self.dataset) + sampler.samples_after(i))
+                    elif self._steps_run == 1:  # the first step is shown at once, whatever --log_interval
+                        self._log(epoch * len(self.dataset) + sampler.samples_after(i), record=False)
                     if self.opt_step % args.save_interval == 0 or epoch_done or last:
                         self.save(epoch + 1 if epoch_done else epoch, 0 if epoch_done else sampler.samples_after(i))
                     if self.opt_step >= self.total_steps:
@@ -529,7 +564,10 @@ class TrainLoop:
         self._sums, self._count, self._tokens, self._grad_norms = {}, 0, 0, {}
         self._real, self._numel = 0, 0
 
-    def _log(self, samples_done: int) -> None:
+    def _log(self, samples_done: int, record: bool = True) -> None:
+        """The progress line (rank 0), and with `record` a metrics row to wandb and the JSONL; the averages restart.
+        Without `record` (the first step of a run between log steps) the line is only printed: the metrics keep one
+        row per --log_interval steps."""
         keys = sorted(self._sums)
         local = [float(self._sums[k]) for k in keys] + [self._count, self._tokens, self._real, self._numel]
         if self.ctx.ddp:  # sums over ranks in one collective; every rank logs the same keys
@@ -549,7 +587,8 @@ class TrainLoop:
         row.update(epoch=self.epoch + 1, global_step=self.opt_step, micro_step=self.global_step,
                    samples=samples_done, skipped_steps=self.bad_steps, empty_steps=self.empty_windows,
                    eta_min=eta_min, tokens_per_s=tokens / max(now - self._t_last, 1e-9))
-        self._t_last = now
+        if record:
+            self._t_last = now
         if self.ctx.is_main:
             mem = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GB" if self.ctx.device.type == "cuda" else ""
             parts = " ".join(f"{k} {row[k]:.4f}" for k in keys + sorted(self._grad_norms))
@@ -558,9 +597,11 @@ class TrainLoop:
             print(f"Epoch [{self.epoch + 1}/{self.args.epochs}] step {self.opt_step}/{self.total_steps} | {parts} "
                   f"| lr {row['lr']:.3e} | {row['tokens_per_s']:.0f} tok/s{real_part}{bad} | ETA {eta_min:.1f}min"
                   f"{mem}", flush=True)
-            self.wandb.log(row, step=self.opt_step)
-            self.metrics_file.write(row)
-        self._reset_log()
+            if record:
+                self.wandb.log(row, step=self.opt_step)
+                self.metrics_file.write(row)
+        if record:
+            self._reset_log()
 
     def save(self, epoch: int, samples: int) -> None:
         """The resume file (fp32 + optimizer + data position) and the weights (fp16 + sidecar), rank 0 only.
@@ -581,6 +622,7 @@ class TrainLoop:
                           global_step=self.global_step, opt_step=self.opt_step, weights_step=self.opt_step,
                           bad_steps=self.bad_steps, empty_windows=self.empty_windows,
                           data_order=self._epoch_order if samples else self.order, run_identity=self.identity,
+                          schedule={"max_steps": self.args.max_steps, "epochs": self.args.epochs},
                           **extras)
             written.append(self.resume_path)
         except SaveError as e:
