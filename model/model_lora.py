@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.trainer_utils import ARCH_FLAGS, UserError, read_sidecar, unwrap
+from model.model_minimind import ARCH_FLAGS
+from util.errors import UserError
+from util.files import load_torch_file, read_sidecar
+from util.modules import unwrap
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
