@@ -24,7 +24,7 @@ def load_torch_file(path: str, what: str, fix: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
-            AttributeError, UnicodeDecodeError) as e:
+            AttributeError, UnicodeDecodeError, OSError) as e:  # OSError: torch's zip reader on some truncations
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{what} {path} ({size} bytes) is not a readable PyTorch file: truncated or not a torch.save "
                         f"file ({first[:160]}); {fix}") from None
