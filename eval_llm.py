@@ -149,7 +149,7 @@ def main(argv=None):
         history.append({"role": "user", "content": prompt})
         built = build_prompt(tokenizer, history, budget, enable_thinking=args.enable_thinking, raw=raw)
         if built.dropped or built.cut_tokens:
-            print(f"(prompt cut to the context: {built.dropped} old messages dropped, {built.cut_tokens} tokens cut)")
+            print(f"(prompt cut to the context: {built.dropped} old turns dropped, {built.cut_tokens} tokens cut)")
         print("🤖: ", end="", flush=True)
         t0 = time.time()
         stream = ChatStream(model, tokenizer, built.ids, max_new_tokens=args.max_new_tokens,

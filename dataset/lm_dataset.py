@@ -74,15 +74,14 @@ import random
 from array import array
 
 import torch
-from jinja2.exceptions import TemplateError
 from torch.utils.data import Dataset
+
+from model import chat_format
+from model.chat_format import ROLES, assistant_spans
 
 # The fast tokenizer's thread pool fights with DataLoader worker processes (and warns after fork).
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ASSISTANT_HEADER = "<|im_start|>assistant\n"
-TURN_END = "<|im_end|>"
-ROLES = {"system", "user", "assistant", "tool"}
 SHOW_BAD = 5  # bad lines quoted in the start-up error
 # JSONL bytes per token when no record was tokenized at start-up: chats mixing Chinese, English and markdown, rendered
 # with this repo's tokenizer, measured 2.9-3.1 (Chinese-only text ~2.2, English ~2.4, plus the JSON keys)
@@ -270,26 +269,11 @@ def check_messages(messages, field, need_assistant=True):
 
 
 def normalize_messages(messages):
-    """Copies of the messages with JSON-string tool calls decoded (MiniMind's data stores some as strings)."""
-    out = []
-    for k, msg in enumerate(messages):
-        calls = msg.get("tool_calls")
-        if calls is None and "functions" not in msg and "tools" not in msg:
-            out.append(msg)  # nothing to change (the template never mutates messages)
-            continue
-        msg = {key: v for key, v in msg.items() if key not in ("functions", "tools")}
-        if isinstance(calls, str):
-            try:
-                calls = msg["tool_calls"] = json.loads(calls)
-            except ValueError as e:
-                raise BadRecord(f"message {k}: tool_calls is a string that is not valid JSON ({e})") from None
-        if calls is not None:
-            funcs = [c.get("function", c) if isinstance(c, dict) else c for c in calls] \
-                if isinstance(calls, list) else None
-            if funcs is None or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in funcs):
-                raise BadRecord(f'message {k}: tool_calls must be a list of {{"name": ..., "arguments": ...}}')
-        out.append(msg)
-    return out
+    """The chat format's normalisation (model/chat_format.py), its complaint as this record's error."""
+    try:
+        return chat_format.normalize_messages(messages)
+    except chat_format.ChatFormatError as e:
+        raise BadRecord(str(e)) from None
 
 
 def record_tools(record, messages):
@@ -337,24 +321,9 @@ def check_rlaif(record):
 
 def render(tokenizer, messages, tools=None, add_generation_prompt=False):
     try:
-        return tokenizer.apply_chat_template(normalize_messages(messages), tools=tools, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
-    except (TemplateError, TypeError) as e:
-        raise BadRecord(f"the chat template cannot render it ({e})") from None
-
-
-def assistant_spans(text):
-    """Character spans [start, end) of each assistant turn's content + its <|im_end|> in a rendered ChatML string."""
-    spans, pos = [], 0
-    while True:
-        head = text.find(ASSISTANT_HEADER, pos)
-        if head < 0:
-            return spans
-        start = head + len(ASSISTANT_HEADER)
-        end = text.find(TURN_END, start)
-        end = len(text) if end < 0 else end + len(TURN_END)
-        spans.append((start, end))
-        pos = end
+        return chat_format.render(tokenizer, messages, tools, add_generation_prompt=add_generation_prompt)
+    except chat_format.ChatFormatError as e:
+        raise BadRecord(str(e)) from None
 
 
 def tokenize_with_mask(tokenizer, text, max_length):

@@ -4,6 +4,7 @@
     apply_lora(model, rank=8, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"))  # base frozen
     ...train...; torch.save(lora_state_dict(model), "out/lora/lora_identity_512.pth")
     apply_lora_from_file(model, "out/lora/lora_identity_512.pth")  # rank/alpha/targets from the sidecar JSON
+    base_fingerprint(model)                                         # which base weights these adapters belong to
     model = merge_lora(model)                                       # a plain MiniMindForCausalLM again
 
 Trained by trainer/train_lora.py. An adapted layer computes  W x + b + (alpha / rank) * B(A(x))  with A: in -> rank
@@ -13,15 +14,25 @@ nn.Linear shape works, including the gated q_proj (hidden -> hidden + heads) tha
 State-dict keys are MiniMind's: `{layer path}.lora.A.weight` / `{layer path}.lora.B.weight`, with the base weight
 staying at `{layer path}.weight`. With alpha = rank (the default) the scale is 1, which is MiniMind's unscaled LoRA,
 so MiniMind LoRA files load too (without a sidecar, rank and targets are read off the tensors and alpha = rank).
+
+Loading is guarded like every other file of this repo: a missing, empty, truncated or foreign file, one that is not
+a dict of tensors, holds no LoRA tensors, has non-float or NaN/inf tensors, or does not fit the model's adapters
+stops with one UserError line naming the file and what to do. train_lora.py records the base weights' fingerprint
+in the sidecar (args.lora_base_fingerprint); applying the adapters to other base weights prints a warning.
 """
+import hashlib
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.trainer_utils import ARCH_FLAGS, UserError, read_sidecar, unwrap
+from model.model_minimind import ARCH_FLAGS
+from util.errors import UserError
+from util.files import load_torch_file, read_sidecar
+from util.modules import unwrap
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -133,12 +144,36 @@ def count_lora_params(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Load / merge
 
-def load_lora(model: nn.Module, path: str) -> None:
-    """Strictly load a LoRA file into a model that already has adapters: every LoRA tensor present, shapes equal."""
+LORA_FIX = "re-train it with trainer/train_lora.py (--lora_name) or copy the file again"
+
+
+def read_lora_file(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a LoRA file (DDP "module." prefixes removed), or one UserError line saying what is wrong."""
     if not os.path.exists(path):
         raise UserError(f"LoRA file {path} not found; train it with trainer/train_lora.py (--lora_name) first")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = load_torch_file(path, "LoRA file", LORA_FIX)
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise UserError(f"LoRA file {path} is a torch file but not a dict of tensors (a {type(sd).__name__}); pass "
+                        "the .pth that train_lora.py wrote to out/lora/")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}  # files written from a DDP-wrapped model
+    if not any(k.endswith(".lora.A.weight") for k in sd):
+        raise UserError(f"{path} holds no LoRA tensors (no '*.lora.A.weight' keys among {len(sd)}); is it a LoRA "
+                        "file? Full weights go to --weight, adapters to --lora_weight")
+    not_float = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in sd.items() if not v.is_floating_point()]
+    if not_float:
+        raise UserError(f"LoRA file {path} has non-float tensors, e.g. {not_float[0]}: it is damaged or not a LoRA "
+                        f"file; {LORA_FIX}")
+    broken = [k for k, v in sd.items() if not bool(torch.isfinite(v).all())]
+    if broken:
+        raise UserError(f"LoRA file {path} holds NaN/inf in {len(broken)} tensor(s), e.g. {broken[0]} (written by a "
+                        f"diverged run?); {LORA_FIX}")
+    return sd
+
+
+def load_lora(model: nn.Module, path: str, sd: dict | None = None) -> None:
+    """Strictly load a LoRA file (or its tensors `sd`, already read by read_lora_file) into a model that already
+    has adapters: every LoRA tensor present, shapes equal."""
+    sd = read_lora_file(path) if sd is None else sd
     own = lora_state_dict(model)
     if not own:
         raise UserError("the model has no LoRA adapters; call apply_lora() (or apply_lora_from_file()) first")
@@ -164,23 +199,53 @@ def lora_settings(path: str, sd: dict | None = None) -> dict:
     a = (side or {}).get("args") or {}
     if "lora_rank" in a and "lora_target" in a:
         alpha = a.get("lora_alpha")
-        return dict(rank=int(a["lora_rank"]), alpha=float(a["lora_rank"] if alpha is None else alpha),
-                    targets=parse_targets(a["lora_target"]), sidecar=side)
+        try:
+            return dict(rank=int(a["lora_rank"]), alpha=float(a["lora_rank"] if alpha is None else alpha),
+                        targets=parse_targets(a["lora_target"]), sidecar=side)
+        except (TypeError, ValueError, AttributeError):
+            raise UserError(f"the sidecar of {path} has unreadable LoRA settings (lora_rank {a['lora_rank']!r}, "
+                            f"lora_alpha {alpha!r}, lora_target {a['lora_target']!r}); restore it, or delete it to "
+                            "read rank and targets off the tensors") from None
     if sd is None:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = read_lora_file(path)
     a_keys = [k for k in sd if k.endswith(".lora.A.weight")]
-    if not a_keys:
-        raise UserError(f"{path} holds no LoRA tensors (no '*.lora.A.weight' keys); is it a LoRA file?")
     rank = int(sd[a_keys[0]].shape[0])
     targets = tuple(sorted({k[:-len(".lora.A.weight")].rsplit(".", 1)[-1] for k in a_keys}))
     return dict(rank=rank, alpha=float(rank), targets=targets, sidecar=side)
 
 
+def base_fingerprint(model: nn.Module) -> str:
+    """16 hex digits that identify a model's base weights (LoRA tensors excluded): sha256 over each parameter's
+    name, shape and up to 4096 evenly strided values as fp16. Cheap (a few thousand values per tensor) and equal for
+    the same weights however they were loaded (fp16 file -> fp32 model is exact); any real retraining changes it."""
+    h = hashlib.sha256()
+    for name, p in sorted(unwrap(model).named_parameters()):
+        if ".lora." in name:
+            continue
+        flat = p.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float16)
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_base(model: nn.Module, path: str, sidecar: dict | None) -> None:
+    """Warn (stderr) when the LoRA's sidecar names other base weights than the model holds: the adapters still load,
+    and may be meant for a further-trained base, but usually this is the wrong --weight."""
+    a = (sidecar or {}).get("args") or {}
+    recorded = a.get("lora_base_fingerprint")
+    if recorded and recorded != base_fingerprint(model):
+        print(f"WARNING: LoRA file {path} was trained on other base weights ({a.get('from_weight')} in "
+              f"{a.get('from_dir')}, fingerprint {recorded}) than the model it is applied to (fingerprint "
+              f"{base_fingerprint(model)}); its replies may be nonsense. Pass the --weight it was trained from.",
+              file=sys.stderr, flush=True)
+
+
 def apply_lora_from_file(model: nn.Module, path: str) -> nn.Module:
-    """apply_lora with the file's rank/alpha/targets, then load_lora. Used by eval_llm.py --lora_weight."""
-    if not os.path.exists(path):
-        raise UserError(f"LoRA file {path} not found; train it with trainer/train_lora.py (--lora_name) first")
-    s = lora_settings(path)
+    """apply_lora with the file's rank/alpha/targets, then load_lora. Used by eval_llm.py --lora_weight (and the
+    server and convert_model.py, through trainer/chat_utils.py)."""
+    sd = read_lora_file(path)
+    s = lora_settings(path, sd)
     file_cfg = ((s["sidecar"] or {}).get("model_config")) or {}
     own_cfg = getattr(model, "config", None)
     if own_cfg is not None:
@@ -189,8 +254,9 @@ def apply_lora_from_file(model: nn.Module, path: str) -> nn.Module:
         if wrong:
             raise UserError(f"LoRA file {path} was trained on a model with another architecture; the base model "
                             f"needs {' '.join(wrong)}")
+    check_base(model, path, s["sidecar"])
     apply_lora(model, s["rank"], s["alpha"], s["targets"])
-    load_lora(model, path)
+    load_lora(model, path, sd)
     return model
 
 

@@ -218,3 +218,45 @@ def test_unsupported_options_fall_back_to_transformers(monkeypatch):
     assert shifted.shape[1] == ids.shape[1] + 4
     model.generate(ids[:1], position_ids=torch.arange(ids.shape[1])[None], **gen)  # the usual positions: fast
     assert calls == [1]
+
+
+# ------------------------------------------------------------------------------------------------ the private contract
+
+# What model/fast_generate.py overrides, as the pinned transformers (requirements.txt) defines it. A new transformers
+# that changes either fails here first, instead of silently decoding differently or falling back everywhere.
+SAMPLE_SIGNATURE = (
+    "(self: 'GenerativePreTrainedModel', input_ids: torch.LongTensor, logits_processor: "
+    "transformers.generation.logits_process.LogitsProcessorList, stopping_criteria: "
+    "transformers.generation.stopping_criteria.StoppingCriteriaList, generation_config: "
+    "transformers.generation.configuration_utils.GenerationConfig, synced_gpus: bool = False, streamer: "
+    "Optional[ForwardRef('BaseStreamer')] = None, **model_kwargs) -> "
+    "transformers.generation.utils.GenerateDecoderOnlyOutput | "
+    "transformers.generation.utils.GenerateEncoderDecoderOutput | torch.LongTensor")
+SAMPLE_SOURCE_SHA256 = "9f5d2e3906df6579"  # first 16 hex digits of sha256(inspect.getsource(GenerationMixin._sample))
+
+
+def test_pinned_transformers_sample_is_the_one_fast_generate_was_written_against():
+    import hashlib
+    import inspect
+
+    import transformers
+    from transformers import GenerationMixin
+    from transformers.generation.utils import GENERATION_MODES_MAPPING, GenerationMode
+
+    from model.fast_generate import FastGenerationMixin
+
+    upgrade = (f"transformers {transformers.__version__} changed GenerationMixin._sample, which "
+               "model/fast_generate.py overrides: compare its loop (processors, stopping, padding of finished rows, "
+               "streamer calls) with the new one, adapt FastGenerationMixin._sample/_fast_sample, run "
+               "tests/test_generate.py, then record the new value here")
+    assert str(inspect.signature(GenerationMixin._sample)) == SAMPLE_SIGNATURE, upgrade
+    source = hashlib.sha256(inspect.getsource(GenerationMixin._sample).encode()).hexdigest()[:16]
+    assert source == SAMPLE_SOURCE_SHA256, upgrade
+    # greedy search and sampling are both dispatched to _sample, by name, on the model's class
+    assert GENERATION_MODES_MAPPING[GenerationMode.GREEDY_SEARCH] == "_sample"
+    assert GENERATION_MODES_MAPPING[GenerationMode.SAMPLE] == "_sample"
+    assert MiniMindForCausalLM._sample is FastGenerationMixin._sample
+    # the override takes exactly the parameters transformers passes
+    ours, theirs = (inspect.signature(f).parameters for f in (FastGenerationMixin._sample, GenerationMixin._sample))
+    assert [(p.name, p.kind, p.default) for p in ours.values()] == \
+        [(p.name, p.kind, p.default) for p in theirs.values()]

@@ -5,13 +5,15 @@ merging; train_lora.py end to end (2-rank torchrun, resume on 1 rank, chat with 
 """
 import hashlib
 import json
+import re
+import shutil
 
 import pytest
 import torch
 
-from conftest import DEMO, ROOT, TINY, read_metrics, run_script, run_torchrun
-from model.model_lora import (LoRALinear, apply_lora, apply_lora_from_file, load_lora, lora_state_dict,
-                              merge_lora)
+from conftest import DEMO, ROOT, TINY, read_metrics, run_eval_cli, run_script, run_torchrun
+from model.model_lora import (LoRALinear, apply_lora, apply_lora_from_file, base_fingerprint, load_lora,
+                              lora_state_dict, merge_lora)
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.trainer_utils import UserError, build_optimizer, load_weights, save_weights
 
@@ -103,6 +105,102 @@ def test_bad_targets_are_refused():
         apply_lora(tiny_model(), targets="q_proj,qproj")
 
 
+def _bad_lora_files(tmp_path, good: dict) -> dict:
+    """name -> (path of a broken LoRA file, what its one-line error must say)."""
+    raw = tmp_path / "good.pth"
+    torch.save(good, raw)
+    key = next(k for k in good if k.endswith(".lora.B.weight"))
+    cases = {
+        "empty": (b"", r"is empty \(0 bytes\)"),
+        "truncated": (raw.read_bytes()[:raw.stat().st_size // 2], "is not a readable PyTorch file"),
+        "list": ([good[key]], r"not a dict of tensors \(a list\)"),
+        "dict_of_ints": ({key: 3}, r"not a dict of tensors \(a dict\)"),
+        "full_weights": (tiny_model().state_dict(), "holds no LoRA tensors"),
+        "shape": ({**good, key: torch.zeros(3, 3)}, "shape mismatches"),
+        "missing_key": ({k: v for k, v in good.items() if k != key}, "missing"),
+        "nan": ({**good, key: torch.full_like(good[key], float("nan"))}, r"holds NaN/inf in 1 tensor\(s\)"),
+        "inf": ({**good, key: torch.full_like(good[key], float("inf"))}, "holds NaN/inf"),
+        "int64": ({k: v.long() for k, v in good.items()}, r"non-float tensors, e.g. .*\(int64\)"),
+    }
+    out = {}
+    for name, (content, message) in cases.items():
+        path = tmp_path / "lora" / f"{name}_64.pth"
+        path.parent.mkdir(exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            torch.save(content, path)
+        out[name] = (path, message)
+    return out
+
+
+def test_broken_lora_files_are_one_line_each(tmp_path):
+    model = apply_lora(tiny_model(), rank=4)
+    randomize_lora(model)
+    for name, (path, message) in _bad_lora_files(tmp_path, lora_state_dict(model)).items():
+        with pytest.raises(UserError, match=message) as e:
+            apply_lora_from_file(tiny_model(), str(path))
+        assert str(path) in str(e.value) and "\n" not in str(e.value), name
+    # a sidecar with unreadable settings is one line too
+    good = tmp_path / "lora" / "sidecar_64.pth"
+    torch.save(lora_state_dict(model), good)
+    good.with_suffix(".json").write_text(json.dumps({"args": {"lora_rank": "eight", "lora_target": "q_proj"}}))
+    with pytest.raises(UserError, match="unreadable LoRA settings"):
+        apply_lora_from_file(tiny_model(), str(good))
+
+
+def test_eval_llm_with_a_broken_lora_prints_one_line(tiny_random, tmp_path, monkeypatch, capsys):
+    # eval_llm, the server and convert_model.py all load --lora_weight through chat_utils.load_model
+    out = tmp_path / "out"
+    shutil.copytree(tiny_random / "out", out)
+    model = apply_lora(tiny_model(), rank=4)
+    for name, (path, message) in _bad_lora_files(out, lora_state_dict(model)).items():
+        if name not in ("truncated", "nan", "int64"):
+            continue
+        code, stdout, stderr = run_eval_cli(["--save_dir", str(out), "--weight", "pretrain", "--lora_weight", name,
+                                             "--device", "cpu", "--prompts", "hi", "--max_new_tokens", "2"],
+                                            monkeypatch, capsys)
+        assert code == 1 and "Traceback" not in stderr and "🤖" not in stdout, (name, stderr)
+        assert [line for line in stderr.splitlines() if line.strip()] == [stderr.strip()]
+        assert re.search(message, stderr) and str(path) in stderr
+
+
+def test_base_fingerprint_follows_the_weights_not_the_load_path(tmp_path, capsys):
+    base = tiny_model()
+    path = str(tmp_path / "full_sft_64.pth")
+    save_weights(base.state_dict(), path, base.config)  # fp16 on disk
+    loaded = tiny_model()
+    with torch.no_grad():
+        for p in loaded.parameters():
+            p.zero_()
+    load_weights(loaded, path, base.config)
+    fp = base_fingerprint(loaded)
+    assert fp == base_fingerprint(base.half().float()) and len(fp) == 16  # fp16 file -> fp32 model: the same
+    assert base_fingerprint(apply_lora(loaded, rank=4)) == fp  # the adapters are not part of the base
+    other = tiny_model()
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight.add_(1e-2)  # what any further training does to a tensor
+    assert base_fingerprint(other) != fp
+
+    # a LoRA whose sidecar records that fingerprint: silent on its base, a warning on another one
+    lora = apply_lora(tiny_model(), rank=4)
+    randomize_lora(lora)
+    lora_path = tmp_path / "lora_identity_64.pth"
+    torch.save(lora_state_dict(lora), lora_path)
+    lora_path.with_suffix(".json").write_text(json.dumps({"args": {
+        "lora_rank": 4, "lora_target": "q_proj,k_proj,v_proj,o_proj", "from_weight": "full_sft",
+        "from_dir": "out", "lora_base_fingerprint": fp}}))
+    capsys.readouterr()
+    target = tiny_model()
+    load_weights(target, path, base.config)
+    apply_lora_from_file(target, str(lora_path))
+    assert "WARNING" not in capsys.readouterr().err
+    apply_lora_from_file(other, str(lora_path))
+    err = capsys.readouterr().err
+    assert f"WARNING: LoRA file {lora_path} was trained on other base weights (full_sft in out, fingerprint {fp})" \
+        in err and base_fingerprint(other) in err
+
+
 def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -143,6 +241,7 @@ def test_train_lora_on_two_ranks_resume_on_one_then_chat(sft_copy):
     load_weights(adapted, str(out / "full_sft_64.pth"), cfg)
     apply_lora_from_file(adapted, str(path))
     adapted_sd = adapted.state_dict()
+    assert side["args"]["lora_base_fingerprint"] == base_fingerprint(plain)  # checked when the adapters are applied
     assert all(torch.equal(adapted_sd[k], v) for k, v in plain.state_dict().items())
     assert set(adapted_sd) - set(plain.state_dict()) == set(sd)
     ungated = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2))

@@ -149,10 +149,9 @@ def test_short_prompt_untouched_and_long_prompt_keeps_markup(tok):
     assert cut and len(ids) == 40
     assert text.startswith("<|im_start|>system\nYou are a patient math tutor.<|im_end|>\n<|im_start|>user\nCompute")
     assert text.endswith("to itself.<|im_end|>\n<|im_start|>assistant\n")
-    # markup + earlier turns longer than the budget: first header line and the end survive
-    ids, cut = fit_prompt(tok, long, 12)
-    text = tok.decode(ids)
-    assert len(ids) == 12 and text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    # the system turn and the markup alone longer than the budget: one line naming the flag (chat_format's rule)
+    with pytest.raises(UserError, match="does not fit --max_seq_len 12: the system prompt"):
+        fit_prompt(tok, long, 12)
 
 
 def test_encode_prompts_left_pads(tok):

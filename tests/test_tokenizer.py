@@ -1,4 +1,5 @@
-"""The shipped tokenizer (model/): special ids, tag tokens, round trips and the exact chat template output.
+"""The shipped tokenizer (model/): special ids, tag tokens, round trips and the exact chat template output (rendered
+by the chat format's owner, model/chat_format.py, and by the tokenizer's template directly: both must agree).
 
     python -m pytest tests/test_tokenizer.py -q
 """
@@ -14,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from model import chat_format  # noqa: E402
 from trainer import train_tokenizer  # noqa: E402
 
 TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<tool_call>", "</tool_call>", "<tool_response>",
@@ -37,7 +39,13 @@ def tok():
 
 
 def render(tok, messages, **kw):
-    return tok.apply_chat_template(messages, tokenize=False, **kw)
+    """The chat format owner's rendering (model/chat_format.py), which must equal the shipped template's own output
+    (the tests below then pin that output character by character)."""
+    shipped = tok.apply_chat_template(messages, tokenize=False, **kw)
+    tools = kw.pop("tools", None)
+    owned = chat_format.render(tok, messages, tools, **kw)
+    assert owned == shipped
+    return owned
 
 
 def test_special_ids_and_vocab(tok):

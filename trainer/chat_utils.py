@@ -31,6 +31,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from model import chat_format
+from model.chat_format import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, THINK_OPEN, message_text
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.trainer_utils import (ARCH_FLAGS, UserError, check_tokenizer, cpu_has_fast_bf16, load_tokenizer,
                                    load_weights, read_sidecar, root_path, weight_path)
@@ -227,77 +229,37 @@ def sampling_flag(name: str, cast=float):
 class Prompt:
     ids: list[int]
     text: str
-    dropped: int            # messages left out (oldest first) to fit the budget
-    cut_tokens: int         # tokens cut from the start of the latest message when even it alone was too long
+    dropped: int            # whole turns left out (oldest first) to fit the budget
+    cut_tokens: int         # tokens cut from the middle of the latest message when even it alone was too long
     in_think: bool          # the prompt ends inside an open <think> (the reply starts with reasoning)
-
-
-def message_text(content) -> str:
-    """OpenAI content is a string, null, or a list of parts ({"type": "text", "text": ...})."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
 
 
 def render(tokenizer, messages, tools=None, enable_thinking=None, raw=False) -> str:
     if raw:  # a pretrained (not chat-tuned) model continues the latest user text, no template, no history
-        return tokenizer.bos_token + next((message_text(m.get("content")) for m in reversed(messages)
+        return tokenizer.bos_token + next((message_text(m.get("content")) or "" for m in reversed(messages)
                                            if m["role"] == "user"), "")
-    kw = {} if enable_thinking is None else {"enable_thinking": bool(enable_thinking)}
-    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True,
-                                         **kw)
+    return chat_format.render(tokenizer, messages, tools, add_generation_prompt=True, enable_thinking=enable_thinking)
 
 
 def build_prompt(tokenizer, messages, budget: int, tools=None, enable_thinking=None, raw=False) -> Prompt:
-    """Render messages with the tokenizer's chat template, at most `budget` tokens long.
-
-    Too long: the oldest turns go first (the history is cut at a user message, so it never opens with an orphan
-    answer or tool result), the system prompt always stays; if the system prompt and the latest message alone are
-    still too long, the START of the latest message is cut by tokens (its end usually holds the question).
-    A system prompt (+ tools) that alone exceeds the budget is a ValueError."""
-    msgs = [dict(m, content=message_text(m.get("content"))) for m in messages]
-    head = msgs[:1] if msgs and msgs[0]["role"] == "system" else []
-    body = msgs[len(head):]
-
-    def encode(ms):
-        text = render(tokenizer, ms, tools, enable_thinking, raw)
-        return text, tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    # candidate starts: each user message, and the last message (kept whatever its role)
-    starts = [i for i, m in enumerate(body) if m["role"] == "user" and i < len(body) - 1] + [max(len(body) - 1, 0)]
-    lo, hi = 0, len(starts) - 1
-    while lo < hi:  # fewer messages -> fewer tokens, so binary-search the earliest start that fits
-        mid = (lo + hi) // 2
-        if len(encode(head + body[starts[mid]:])[1]) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    start = starts[lo]
-    text, ids = encode(head + body[start:])
-    cut = 0
-    if len(ids) > budget and body:
-        last = dict(body[-1])
-        last_ids = tokenizer(last["content"], add_special_tokens=False)["input_ids"]
-        overflow = len(ids) - budget
-        if overflow >= len(last_ids):
-            raise ValueError(f"the system prompt and tools alone take {len(encode(head)[1])} tokens, more than "
-                             f"the {budget} the context leaves for the prompt")
-        while len(ids) > budget and cut < len(last_ids):
-            cut = min(len(last_ids), cut + max(overflow, 1))
-            last["content"] = tokenizer.decode(last_ids[cut:])
-            text, ids = encode(head + [last])
-            overflow = len(ids) - budget
-        if len(ids) > budget:
-            raise ValueError(f"the prompt needs {len(ids)} tokens even with the latest message cut away; the context "
-                             f"leaves {budget} for it")
-        start = len(body) - 1
-    elif len(ids) > budget:
-        raise ValueError(f"the system prompt and tools take {len(ids)} tokens, more than the {budget} the context "
-                         "leaves for the prompt")
-    in_think = text.rstrip().endswith("<think>")
-    return Prompt(ids=ids, text=text, dropped=start, cut_tokens=cut, in_think=in_think)
+    """Render messages with the tokenizer's chat template, at most `budget` tokens long, by the chat format's one
+    fitting rule (model/chat_format.py fit_prompt): the oldest turns go first (the history is cut at a user message,
+    so it never opens with an orphan answer or tool result), the system prompt always stays; if the system prompt
+    and the latest message alone are still too long, the MIDDLE of the latest message is cut by tokens (its start
+    and its end, which usually holds the question, stay). A system prompt (+ tools) that alone exceeds the budget is
+    a ValueError; chat_format.ChatFormatError when the template cannot render the messages. Raw mode (a pretrained
+    model) keeps BOS and cuts the middle of the text the same way."""
+    text = render(tokenizer, messages, tools, enable_thinking, raw)
+    if raw:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        kept = ids if len(ids) <= budget else ids[:1] + chat_format.cut_middle(ids[1:], budget - 1)
+        fitted = chat_format.FittedPrompt(kept, text if kept is ids else tokenizer.decode(kept), 0,
+                                          len(ids) - len(kept))
+    else:
+        fitted = chat_format.fit_prompt(tokenizer, text, budget)
+    in_think = fitted.text.rstrip().endswith(THINK_OPEN)
+    return Prompt(ids=fitted.ids, text=fitted.text, dropped=fitted.dropped, cut_tokens=fitted.cut_tokens,
+                  in_think=in_think)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -481,9 +443,6 @@ def _held_suffix(text: str, tags) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reply parsing: <think>...</think> -> reasoning, <tool_call>{json}</tool_call> -> tool calls
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
 class ReplyParser:

@@ -11,8 +11,9 @@
 
 Conventions every RL script relies on:
 - Prompts are left-padded (so all completions start at column P) and never lose their chat markup: a prompt longer
-  than max_prompt_len loses the middle of its last message (see `encode_prompts`), unlike the reference, which cut
-  the first tokens away (system/user header included; reference §7 item 30).
+  than max_prompt_len is fitted by the chat format's one rule (model/chat_format.py fit_prompt: oldest turns first,
+  then the middle of the last message), unlike the reference, which cut the first tokens away (system/user header
+  included; reference §7 item 30).
 - Log-probs are computed with the rollout's attention mask; the model derives each row's positions from it, so a
   left-padded row scores exactly as it would alone (tested). Policy, old policy and reference all go through
   `completion_logprobs` under the caller's autocast: equal weights give equal log-probs (ratio 1, KL 0), unlike the
@@ -40,9 +41,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from model import chat_format
+from model.chat_format import prompt_messages
 from trainer.trainer_utils import Logger, UserError, root_path, str2bool_int, unwrap, user_path
-
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 # The reference's default (../../internlm2-1_8b-reward from trainer/), written relative to the repo root.
 DEFAULT_REWARD_MODEL_PATH = "../internlm2-1_8b-reward"
@@ -101,49 +102,15 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts and rollouts
 
-def _split_last_message(prompt: str):
-    """(head, content, tail) around the content of the last message before the generation prompt, or None."""
-    gen = prompt.rfind(IM_START)
-    last = prompt.rfind(IM_START, 0, gen) if gen > 0 else -1
-    if last < 0:
-        return None
-    header_end = prompt.find("\n", last)
-    if header_end < 0 or header_end >= gen:
-        return None
-    start = header_end + 1
-    end = prompt.rfind(IM_END, start, gen)
-    if end < 0:
-        return None
-    return prompt[:start], prompt[start:end], prompt[end:]
-
-
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def fit_prompt(tokenizer, prompt: str, max_len: int) -> tuple[list[int], bool]:
-    """Token ids of a rendered chat prompt, at most max_len of them, with the chat markup intact.
-
-    A longer prompt loses the middle of its last message's content (the head of the question and its end stay),
-    so the system/user headers and the closing "<|im_end|>\\n<|im_start|>assistant\\n" survive. If even the
-    markup plus earlier turns do not fit, the first header line and the last tokens are kept (the middle of the
-    conversation goes). Returns (ids, shortened).
-    """
-    ids = _ids(tokenizer, prompt)
-    if len(ids) <= max_len:
-        return ids, False
-    parts = _split_last_message(prompt)
-    if parts is not None:
-        head, content, tail = (_ids(tokenizer, p) for p in parts)
-        budget = max_len - len(head) - len(tail)
-        if budget > 0:
-            front = (budget + 1) // 2
-            return head + content[:front] + content[len(content) - (budget - front):] + tail, True
-    first = prompt.find(IM_START)
-    header = _ids(tokenizer, prompt[:prompt.find("\n", first) + 1]) if first >= 0 else []
-    if len(header) >= max_len:
-        header = []
-    return header + ids[len(ids) - (max_len - len(header)):], True
+    """Token ids of a rendered chat prompt, at most max_len of them (model/chat_format.py fit_prompt), and whether
+    it was shortened. A prompt whose system turn and markup alone exceed max_len is a UserError."""
+    try:
+        fitted = chat_format.fit_prompt(tokenizer, prompt, max_len)
+    except ValueError as e:
+        raise UserError(f"an RL prompt does not fit --max_seq_len {max_len}: {e}; raise --max_seq_len or shorten "
+                        "the data's system prompt") from None
+    return fitted.ids, bool(fitted.dropped or fitted.cut_tokens)
 
 
 _warned_truncation = False
@@ -160,7 +127,8 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int, device) -
         shortened += cut
     if shortened and not _warned_truncation:
         Logger(f"note: {shortened} prompt(s) longer than --max_seq_len {max_prompt_len} tokens were shortened by "
-               "dropping the middle of their last message (chat markup kept); raise --max_seq_len to avoid it")
+               "dropping their oldest turns, then the middle of their last message (chat markup kept); raise "
+               "--max_seq_len to avoid it")
         _warned_truncation = True
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -364,10 +332,9 @@ def policy_kl_loss(logps: torch.Tensor, ref_logps: torch.Tensor, advantages: tor
 # Rewards
 
 THINK_ANSWER = re.compile(r"^<think>\n.*?\n</think>\n\n?<answer>\n.*?\n</answer>$", re.S)
-TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+TAGS = chat_format.REASONING_TAGS
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.S)
-CHAT_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>", re.S)
 
 
 def format_reward(text: str) -> float:
@@ -399,11 +366,6 @@ def answer_reward(completion: str, answer: str) -> float | None:
         return None
     got = final_answer(completion)
     return float(got is not None and abs(got - target) <= 1e-6 * max(1.0, abs(target)))
-
-
-def prompt_messages(prompt: str) -> list[dict]:
-    """The chat messages of a rendered ChatML prompt (the generation prompt itself is not a message)."""
-    return [{"role": role, "content": content} for role, content in CHAT_TURN.findall(prompt)]
 
 
 def resolve_reward_model_path(value: str | None) -> tuple[str | None, bool]:

@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset, collate_lm, collate_packed
+from model.chat_format import REASONING_TAGS
 from trainer.trainer_utils import (Logger, TrainLoop, UserError, build_optimizer, build_parser, check_max_seq_len,
                                    dataset_options, init_model, init_run, model_config_from_args, parse_args,
                                    run_main)
 
-TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+TAGS = REASONING_TAGS
 
 
 def tag_id_sequences(tokenizer, tags=TAGS) -> list[list[int]]:

@@ -8,8 +8,9 @@
 Data: SFT-format JSONL (MiniMind's lora_identity.jsonl, or any domain set such as lora_medical.jsonl). Reads the base
 from {from_dir}/{from_weight}_{hidden}{_moe}.pth (default out/full_sft_*.pth) and writes only the LoRA tensors to
 {save_dir}/{lora_name}_{hidden}{_moe}.pth (default out/lora/lora_identity_*.pth) plus a sidecar JSON holding rank,
-alpha, targets, the base weight and the model config, which model_lora.apply_lora_from_file reads back. The resume
-file (checkpoints/{lora_name}_*_resume.pth) holds only the LoRA tensors and their optimizer state.
+alpha, targets, the base weight (name and fingerprint) and the model config, which model_lora.apply_lora_from_file
+reads back (and warns when the base differs). The resume file (checkpoints/{lora_name}_*_resume.pth) holds only the
+LoRA tensors and their optimizer state.
 """
 import sys
 from functools import partial
@@ -18,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.lm_dataset import SFTDataset, collate_lm, collate_packed
-from model.model_lora import DEFAULT_TARGETS, apply_lora, count_lora_params, lora_state_dict, parse_targets
+from model.model_lora import (DEFAULT_TARGETS, apply_lora, base_fingerprint, count_lora_params, lora_state_dict,
+                              parse_targets)
 from trainer.trainer_utils import (Logger, TrainLoop, build_optimizer, build_parser, check_max_seq_len,
                                    dataset_options, init_model, init_run, model_config_from_args, parse_args,
                                    run_main, weight_path)
@@ -52,6 +54,8 @@ def main():
     # ---------------------------------------------------------------- model and data
     config = model_config_from_args(args)
     model, tokenizer = init_model(config, args.from_weight, args.tokenizer_path, args.from_dir, ctx.device)
+    # the sidecar stores args: loading the adapters onto other base weights then warns (model_lora.check_base)
+    args.lora_base_fingerprint = base_fingerprint(model)
     apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_target)
     total = sum(p.numel() for p in model.parameters())
     n_lora = count_lora_params(model)

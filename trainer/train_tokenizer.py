@@ -14,19 +14,8 @@ Vocabulary (6400 ids): 0 <|endoftext|> (pad, unk), 1 <|im_start|> (bos), 2 <|im_
 single tokens but NOT special (decode(..., skip_special_tokens=True) keeps them); then 256 byte symbols and merges.
 No normalizer, no post-processor: encode() adds no BOS/EOS, the datasets add them explicitly.
 
-Chat template (ChatML; TEMPLATE below):
-- A system turn is rendered only when the messages have one or tools are given (no default system prompt).
-  With tools, the system turn is "<|im_start|>system\\n" + [first system message + "\\n\\n"] + "# Tools" text, a
-  <tools></tools> block with one JSON per tool per line, and how to call: <tool_call>\\n{"name": ..., "arguments": ...}
-  \\n</tool_call>; then "<|im_end|>\\n".
-- system / user turns: "<|im_start|>{role}\\n{content}<|im_end|>\\n" (non-string content renders as "").
-- assistant turns: "<|im_start|>assistant\\n" + ["<think>\\n{reasoning_content}\\n</think>\\n"] + content + each
-  tool call as "<tool_call>\\n{"name": <json>, "arguments": <json or raw string>}\\n</tool_call>" (a "\\n" before it
-  when content or an earlier call precedes it; {"function": {...}} wrappers are unwrapped) + "<|im_end|>\\n".
-- consecutive tool messages form one user turn: "<|im_start|>user" + "\\n<tool_response>\\n{content}\\n</tool_response>"
-  per message + "<|im_end|>\\n".
-- add_generation_prompt appends "<|im_start|>assistant\\n", plus "<think>\\n\\n</think>\\n\\n" when enable_thinking is
-  passed and false.
+Chat template: model/chat_format.py (CHAT_TEMPLATE, described there), the one owner of the chat format; this script
+writes it into tokenizer_config.json.
 """
 import argparse
 import glob
@@ -43,66 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>", "<tool_call>", "</tool_call>",
-              "<tool_response>", "</tool_response>"]
-
-TEMPLATE = r"""{%- if tools -%}
-    {{- '<|im_start|>system\n' -}}
-    {%- if messages and messages[0].role == 'system' and messages[0].content is string and messages[0].content -%}
-        {{- messages[0].content + '\n\n' -}}
-    {%- endif -%}
-    {{- '# Tools\n\nYou can call the functions listed below to help with the request.\n\nFunction signatures, one JSON object per line, inside <tools></tools>:\n<tools>' -}}
-    {%- for tool in tools -%}
-        {{- '\n' + (tool | tojson) -}}
-    {%- endfor -%}
-    {{- '\n</tools>\n\nTo call a function, answer with a JSON object holding its name and arguments inside <tool_call></tool_call> tags:\n<tool_call>\n{"name": <function-name>, "arguments": <arguments-json-object>}\n</tool_call><|im_end|>\n' -}}
-{%- endif -%}
-{%- for message in messages -%}
-    {%- set content = message.content if message.content is string else '' -%}
-    {%- if message.role == 'system' and loop.first and tools -%}
-    {%- elif message.role == 'assistant' -%}
-        {{- '<|im_start|>assistant\n' -}}
-        {%- if message.reasoning_content is string and message.reasoning_content -%}
-            {{- '<think>\n' + message.reasoning_content + '\n</think>\n' -}}
-        {%- endif -%}
-        {{- content -}}
-        {%- if message.tool_calls -%}
-            {%- for call in message.tool_calls -%}
-                {%- if call.function is defined -%}
-                    {%- set call = call.function -%}
-                {%- endif -%}
-                {%- if content or not loop.first -%}
-                    {{- '\n' -}}
-                {%- endif -%}
-                {{- '<tool_call>\n{"name": ' + (call.name | tojson) + ', "arguments": ' -}}
-                {%- if call.arguments is string -%}
-                    {{- call.arguments -}}
-                {%- else -%}
-                    {{- call.arguments | tojson -}}
-                {%- endif -%}
-                {{- '}\n</tool_call>' -}}
-            {%- endfor -%}
-        {%- endif -%}
-        {{- '<|im_end|>\n' -}}
-    {%- elif message.role == 'tool' -%}
-        {%- if loop.first or loop.previtem.role != 'tool' -%}
-            {{- '<|im_start|>user' -}}
-        {%- endif -%}
-        {{- '\n<tool_response>\n' + content + '\n</tool_response>' -}}
-        {%- if loop.last or loop.nextitem.role != 'tool' -%}
-            {{- '<|im_end|>\n' -}}
-        {%- endif -%}
-    {%- else -%}
-        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' -}}
-    {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<|im_start|>assistant\n' -}}
-    {%- if enable_thinking is defined and not enable_thinking -%}
-        {{- '<think>\n\n</think>\n\n' -}}
-    {%- endif -%}
-{%- endif -%}"""
+from model.chat_format import CHAT_TEMPLATE, SPECIAL_TOKENS, TAG_TOKENS  # noqa: E402
 
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -289,7 +219,7 @@ def tokenizer_config():
         "add_eos_token": False,
         "model_max_length": 32768,
         "clean_up_tokenization_spaces": False,
-        "chat_template": TEMPLATE,
+        "chat_template": CHAT_TEMPLATE,
     }
 
 

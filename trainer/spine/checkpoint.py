@@ -5,18 +5,17 @@ import datetime
 import hashlib
 import json
 import os
-import pickle
 import re
 import shutil
-import zipfile
 
 import torch
 import torch.distributed as dist
 
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, count_params
+from model.model_minimind import ARCH_FLAGS, MiniMindConfig, MiniMindForCausalLM, count_params
 from trainer.spine.common import Logger, UserError, root_path
 from trainer.spine.guards import SaveError, TrainingDiverged, all_finite
 from trainer.spine.runtime import unwrap
+from util.files import load_torch_file, read_sidecar, sidecar_path  # noqa: F401 (re-exported)
 
 
 def weight_path(save_dir: str, weight: str, hidden_size: int, use_moe) -> str:
@@ -77,42 +76,6 @@ def atomic_write_text(text: str, path: str) -> None:
     _atomic_write(write, path)
 
 
-def load_torch_file(path: str, what: str, fix: str):
-    """torch.load(weights_only=True) with one readable message for an empty, truncated or foreign file."""
-    size = os.path.getsize(path)
-    if size == 0:
-        raise UserError(f"{what} {path} is empty (0 bytes), probably from a crash or a full disk during a save; "
-                        f"{fix}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
-            AttributeError, UnicodeDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} {path} ({size} bytes) is not a readable PyTorch file: truncated or not a torch.save "
-                        f"file ({first[:160]}); {fix}") from None
-
-
-def sidecar_path(pth: str) -> str:
-    return os.path.splitext(pth)[0] + ".json"
-
-
-def read_sidecar(pth: str) -> dict | None:
-    """The sidecar JSON beside a weights file, None when there is none; a corrupt one is a UserError."""
-    p = sidecar_path(pth)
-    if not os.path.exists(p):
-        return None
-    try:
-        with open(p, encoding="utf-8") as f:
-            side = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"sidecar {p} is not valid JSON ({e}); it describes {os.path.basename(pth)} (sizes, "
-                        "tokenizer). Restore it from the run that wrote it, or delete it to use the weights without "
-                        "it (sizes then come from your flags)") from None
-    if not isinstance(side, dict):
-        raise UserError(f"sidecar {p} holds a JSON {type(side).__name__}, not an object; restore or delete it")
-    return side
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer fingerprint: weights remember which token ids they were trained on
 
@@ -146,11 +109,6 @@ def check_tokenizer(weight_file: str, tokenizer, tokenizer_path: str) -> None:
                         f"fingerprint {recorded}) than --tokenizer_path {tokenizer_path} "
                         f"({tokenizer_fingerprint(tokenizer)}); pass --tokenizer_path {side.get('tokenizer_path')} "
                         "or a copy of that tokenizer")
-
-
-# Config fields that decide the state_dict layout, and the flag that sets each.
-ARCH_FLAGS = {"hidden_size": "--hidden_size", "num_hidden_layers": "--num_hidden_layers", "use_moe": "--use_moe",
-              "headwise_attn_output_gate": "--headwise_attn_output_gate"}
 
 
 def save_weights(state_dict: dict, path: str, config: MiniMindConfig | None, tokenizer=None, **meta) -> None:

@@ -12,10 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing file). Printed as one message, without a traceback."""
-
+from util.errors import UserError  # noqa: E402,F401 (lives below model/ and trainer/; re-exported for the spine)
 
 
 

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from trainer.spine.common import UserError
 from trainer.spine.guards import (EXIT_DIVERGED, EXIT_SIGNAL, EXIT_USER, TrainingDiverged, TrainingStopped,
                                   end_data_workers, unwrap_worker_message)
+from util.modules import unwrap  # noqa: F401 (re-exported)
 
 
 def init_distributed_mode(device: str = "cpu", timeout_s: float | None = None) -> int:
@@ -147,18 +148,6 @@ def run_main(main, interrupted: str = "interrupted: stopped at once; nothing was
     except KeyboardInterrupt:
         print(f"\n{prefix}{interrupted}", file=sys.stderr, flush=True)
         sys.exit(EXIT_SIGNAL[signal.SIGINT])
-
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP and torch.compile wrappers so state_dict keys are the plain model's."""
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 
