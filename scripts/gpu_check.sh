@@ -14,8 +14,9 @@
 #      --use_wandb with WANDB_MODE=offline) with --max_steps 20 on dataset/demo/, each stage starting from the
 #      weights its default --from_weight names (pretrain -> full_sft -> dpo -> distill_reason -> ppo/grpo/spo; lora
 #      and distillation from full_sft), written to a scratch directory instead of out/ and checkpoints/; pretrain
-#      once more with --use_compile 1 and once with --grad_checkpointing 1; eval_llm.py answers two prompts from
-#      stdin with the SFT weights on the GPU.
+#      once more with --use_compile 1 and once with --grad_checkpointing 1; GRPO once more with the recommended
+#      objective and --num_iterations 2 (grpo_mu2); eval_llm.py answers two prompts from stdin with the SFT
+#      weights on the GPU.
 #   3. bench: scripts/bench_model.py --device cuda --dtype bfloat16 --repeats 3 over 512x8, 512x8_moe, 640x12_moe
 #      and the gate-on 640x12_moe_gate, side by side with the MiniMind checkout when one is given.
 # Environment: NPROC (default: number of GPUs, at most 2), STAGE_TIMEOUT seconds per command (default 900),
@@ -205,6 +206,11 @@ together ppo "${TORCHRUN[@]}" train_ppo.py "${MODEL[@]}" "${COMMON[@]}" --data_p
 # the seed's GRPO flags, with the demo prompts and no reward model instead of the user's /root/autodl-tmp paths
 together grpo env CUDA_LAUNCH_BLOCKING=1 "${TORCHRUN[@]}" train_grpo.py "${MODEL[@]}" "${COMMON[@]}" \
   --data_path "$DEMO/rlaif.jsonl" --reward_model_path none --num_generations 1 --max_gen_len 128 --reasoning 0
+# GRPO with the recommended objective (dapo, clip-higher 0.28) and two updates per rollout batch (mu = 2: the second
+# has real ratios, so clipping acts): its log lines give rollout tokens/s and peak memory. MAX_STEPS must be even
+together grpo_mu2 "${TORCHRUN[@]}" train_grpo.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/rlaif.jsonl" \
+  --reward_model_path none --save_weight grpo_mu2 --num_generations 4 --num_iterations 2 --loss_type dapo \
+  --max_gen_len 128 --reasoning 0
 together spo "${TORCHRUN[@]}" train_spo.py "${MODEL[@]}" "${COMMON[@]}" --data_path "$DEMO/rlaif.jsonl" \
   --reward_model_path none "${RL_GEN[@]}"
 settle

@@ -12,11 +12,21 @@ import threading
 import pytest
 import torch
 
-from conftest import DEMO, ROOT, TINY, dirs, read_metrics, run_torchrun
+from conftest import DEMO, ROOT, TINY, dirs, read_metrics, run_torchrun, signal_after_step
 from test_rl_utils import PROMPTS, LengthScore, make_remote_code_reward_model, run_main_in_process, tiny_model
 from trainer import train_grpo
-from trainer.rl_utils import completion_logprobs, frozen_copy, k3_kl, policy_kl_loss, rollout
-from trainer.trainer_utils import UserError, build_optimizer, load_tokenizer
+from trainer.rl_objectives import policy_objective
+from trainer.rl_utils import completion_logprobs, frozen_copy, k3_kl, rollout
+from trainer.trainer_utils import TrainingStopped, UserError, build_optimizer, load_tokenizer
+
+
+
+def policy_kl_loss(logps, ref_logps, advantages, mask, beta):
+    """--loss_type grpo with one update per rollout (pi_old = sg(pi)): the objective before --loss_type."""
+    loss, st = policy_objective(logps, logps.detach(), advantages, mask, loss_type="grpo", ref_logp=ref_logps,
+                                beta=beta)
+    return loss, st["kl"]
+
 
 RL = ["--data_path", str(DEMO / "rlaif.jsonl"), "--max_gen_len", "10", "--num_generations", "3", "--batch_size",
       "2", "--learning_rate", "1e-4", "--log_interval", "1", "--save_interval", "1"]
@@ -161,3 +171,80 @@ def test_one_generation_needs_two_completions_per_step(sft_copy, monkeypatch):
     with pytest.raises(UserError, match="needs >= 2 completions per step"):
         run_main_in_process(train_grpo, monkeypatch, *TINY, *dirs(sft_copy), *RL, "--num_generations", "1",
                             "--batch_size", "1")
+
+
+def test_beta_0_builds_no_reference_model(sft_copy, monkeypatch, capsys):
+    from trainer import rl_utils
+    copies = []
+    monkeypatch.setattr(rl_utils, "frozen_copy", lambda m: copies.append(m) or frozen_copy(m))
+    run_main_in_process(train_grpo, monkeypatch, *TINY, *dirs(sft_copy), *RL, "--reasoning", "0", "--beta", "0",
+                        "--max_steps", "1")
+    assert copies == [] and "--beta 0: no reference model is built" in capsys.readouterr().out
+    run_main_in_process(train_grpo, monkeypatch, *TINY, *dirs(sft_copy), *RL, "--reasoning", "0", "--max_steps", "1")
+    assert len(copies) == 1  # the default beta keeps its reference
+
+
+def test_two_iterations_and_mini_batches_resume_exactly(sft_copy, monkeypatch):
+    """mu = 2 passes x 2 mini-batches = 4 optimizer steps per rollout batch; a Ctrl-C after step 2 (inside a rollout
+    batch) stops at its boundary (step 4), and the resumed run ends with the uninterrupted run's fp32 weights."""
+    full, part = sft_copy / "full", sft_copy / "part"
+    for d in (full, part):
+        (d / "out").mkdir(parents=True)
+        for f in ("full_sft_64.pth", "full_sft_64.json"):
+            (d / "out" / f).write_bytes((sft_copy / "out" / f).read_bytes())
+    flags = [*TINY, *RL, "--reasoning", "0", "--num_iterations", "2", "--mini_batch_size", "3", "--max_steps", "8",
+             "--loss_type", "dapo", "--epsilon", "0.01", "--epsilon_high", "0.01", "--learning_rate", "3e-3"]
+    run_main_in_process(train_grpo, monkeypatch, *flags, *dirs(full), reward_model=LengthScore())
+    with monkeypatch.context() as m:
+        signal_after_step(m, 2)
+        with pytest.raises(TrainingStopped):
+            run_main_in_process(train_grpo, m, *flags, *dirs(part), reward_model=LengthScore())
+    assert torch.load(part / "checkpoints" / "grpo_64_resume.pth", weights_only=True)["opt_step"] == 4
+    run_main_in_process(train_grpo, monkeypatch, *flags, *dirs(part), "--from_resume", "1",
+                        reward_model=LengthScore())
+    a = torch.load(full / "checkpoints" / "grpo_64_resume.pth", weights_only=True)["model"]
+    b = torch.load(part / "checkpoints" / "grpo_64_resume.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    rows = read_metrics(full, "grpo")
+    assert [r["global_step"] for r in rows] == list(range(1, 9))
+    # pi_old is the rollout policy: the first step of each rollout batch has ratio 1 exactly, later ones do not,
+    # and with a 0.01 clip range some tokens are clipped
+    assert rows[0]["approx_kl"] == 0.0 and rows[0]["ratio"] == 1.0 and rows[4]["ratio"] == 1.0
+    assert any(r["ratio"] != 1.0 for r in rows[1:4])
+    assert sum(r["clip_ratio_low"] + r["clip_ratio_high"] for r in rows) > 0
+    assert all("frac_reward_zero_std" in r for r in rows)
+    resumed = read_metrics(part, "grpo")
+    assert [r["global_step"] for r in resumed] == list(range(1, 9))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in rows]
+
+
+def test_rollout_is_one_batched_call_on_the_fast_decode_path(sft_copy, monkeypatch):
+    from model.model_minimind import MiniMindForCausalLM
+    calls = []
+    fast = MiniMindForCausalLM._fast_sample
+
+    def spy(self, input_ids, *a, **kw):
+        calls.append(input_ids.shape[0])
+        return fast(self, input_ids, *a, **kw)
+    monkeypatch.setattr(MiniMindForCausalLM, "_fast_sample", spy)
+    run_main_in_process(train_grpo, monkeypatch, *TINY, *dirs(sft_copy), *RL, "--reasoning", "0",
+                        "--accumulation_steps", "2", "--max_steps", "2")
+    assert calls == [2 * 2 * 3, 2 * 2 * 3]  # batch 2 x accumulation 2 prompts x 3 completions, one call per step
+
+
+@pytest.mark.slow
+def test_torchrun_with_the_new_objective_flags(sft_copy):
+    flags = [*TINY, *dirs(sft_copy), *RL, "--reasoning", "1", "--from_weight", "full_sft", "--num_generations", "2",
+             "--num_iterations", "2", "--mini_batch_size", "2", "--loss_type", "cispo", "--importance_sampling_level",
+             "sequence", "--scale_rewards", "batch", "--mask_truncated_completions", "1", "--dynamic_sampling", "1",
+             "--beta", "0", "--max_steps", "4"]
+    out = run_torchrun("trainer/train_grpo.py", *flags, tmp=sft_copy)
+    assert "weights identical on all 2 ranks" in out and "no reference model is built" in out
+    assert "4 optimizer steps per rollout batch" in out and "objective cispo, sequence-level ratio" in out
+    rows = read_metrics(sft_copy, "grpo")
+    assert [r["global_step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("clip_ratio_low", "clip_ratio_high", "approx_kl", "frac_reward_zero_std", "dynamic_rounds",
+                "truncated"):
+        assert key in rows[0], key
+    assert rows[0]["approx_kl"] == 0.0

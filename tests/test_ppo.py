@@ -232,8 +232,10 @@ def test_get_score_reward_and_resume_restores_critic_and_old_actor(sft_copy, mon
 def test_runs_without_reward_model_with_reasoning_rewards_and_moe(tmp_path, capsys, monkeypatch):
     # a random MoE policy: exercises the aux losses of actor and critic; rule-based rewards only
     calls = []
-    monkeypatch.setattr(train_ppo, "completion_logprobs",
-                        lambda model, *a, **kw: calls.append(model) or completion_logprobs(model, *a, **kw))
+    from trainer import rl_utils
+    for module in (train_ppo, rl_utils):  # the update's forward, and pi_old / reference in rl_utils.frozen_logprobs
+        monkeypatch.setattr(module, "completion_logprobs",
+                            lambda model, *a, **kw: calls.append(model) or completion_logprobs(model, *a, **kw))
     train_ppo.main(ppo_argv(tmp_path, "--max_steps", "3", "--reasoning", "1", "--use_moe", "1",
                             "--from_weight", "none", "--reward_model_path", "none", "--update_old_actor_freq", "2"))
     # log-prob forwards: actor + reference, and the old actor only in step 2, where it lags the actor by one update
@@ -267,3 +269,46 @@ def test_torchrun_two_ranks_with_a_sequence_classifier_reward_model(sft_copy):
     assert [r["global_step"] for r in rows] == [1, 2] and all("reward_model" in r for r in rows)
     saved = torch.load(sft_copy / "checkpoints" / "ppo_actor_64_resume.pth", weights_only=True)
     assert saved["world_size"] == 2 and "value_head.weight" in saved["critic"]
+
+
+def test_value_clipping_by_hand():
+    values = torch.tensor([[0.5, 0.0], [1.0, 3.0]], requires_grad=True)
+    old_values = torch.tensor([[0.2, 0.0], [0.0, 0.0]])
+    returns = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    zeros = torch.zeros(2, 2)
+    loss, st = ppo_losses(zeros, zeros, None, zeros, values, returns, mask, clip_epsilon=0.2, vf_coef=1.0,
+                          kl_coef=0.0, old_values=old_values, cliprange_value=0.1)
+    # token (0,0): V 0.5 moved 0.3 from V_old 0.2, clipped to 0.3: max((0.5-1)^2, (0.3-1)^2) = 0.49 (clipped side);
+    # (0,1): V = V_old: 1.0 either way; (1,0): V 1.0 clipped to 0.1: max(1.0, 0.01) = 1.0 (unclipped side)
+    assert st["value_loss"].item() == pytest.approx((0.49 + 1.0 + 1.0) / 3, rel=1e-6)
+    assert st["value_clip_frac"].item() == pytest.approx(1 / 3)
+    loss.backward()
+    # the clipped token gets no value gradient; the others 2 (V - G) / 3
+    torch.testing.assert_close(values.grad, torch.tensor([[0.0, 2 * -1.0 / 3], [2 * 1.0 / 3, 0.0]]))
+    unclipped, _ = ppo_losses(zeros, zeros, None, zeros, values, returns, mask, clip_epsilon=0.2, vf_coef=1.0,
+                              kl_coef=0.0, old_values=old_values, cliprange_value=0.0)
+    assert unclipped.item() == pytest.approx((0.25 + 1.0 + 1.0) / 3, rel=1e-6)
+
+
+def test_update_iters_with_kl_early_stop(tmp_path, monkeypatch):
+    """--ppo_update_iters 2: the 2nd update of each rollout batch has a ratio != 1; with --early_stop_kl below its
+    KL that update is skipped (counted as a step, logged as kl_stop), and only the first updates are applied."""
+    applied = {}
+    finish = train_ppo.TrainLoop.finish
+
+    def spy_finish(self):
+        applied[len(applied)] = self.updates
+        finish(self)
+    monkeypatch.setattr(train_ppo.TrainLoop, "finish", spy_finish)
+    common = ["--max_steps", "4", "--ppo_update_iters", "2", "--from_weight", "none", "--reward_model_path", "none",
+              "--reasoning", "1", "--learning_rate", "1e-2", "--critic_learning_rate", "1e-2", "--kl_coef", "0"]
+    train_ppo.main(ppo_argv(tmp_path / "a", *common), reward_model=LengthRM())
+    rows = read_metrics(tmp_path / "a", "ppo_actor")
+    assert rows[0]["approx_kl"] == 0.0 and rows[0]["ratio"] == 1.0 and rows[0]["value_clip_frac"] == 0.0
+    assert rows[1]["approx_kl"] > 0 and rows[1]["ratio"] != 1.0 and "kl_stop" not in rows[1]
+    assert applied[0] == 4
+    train_ppo.main(ppo_argv(tmp_path / "b", *common, "--early_stop_kl", "1e-12"), reward_model=LengthRM())
+    rows = read_metrics(tmp_path / "b", "ppo_actor")
+    assert [("kl_stop" in r) for r in rows] == [False, True, False, True]
+    assert applied[1] == 2

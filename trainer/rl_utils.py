@@ -9,6 +9,11 @@
         with torch.no_grad():
             ref_logp, _ = completion_logprobs(ref_model, ro)                    # same precision as the policy
 
+GRPO and SPO hand a rollout batch to the loop (several optimizer steps per rollout, trainer/spine/loop.py):
+    for batch in loop:                                   # one prompt batch per rollout
+        b = sample_and_score(loop.raw_model, tokenizer, scorer, batch["prompt"], batch["answer"], args, ctx, G)
+        policy_updates(loop, b.rollout, advantages, args, ctx, ref_model=ref, metrics=rl_metrics(b, advantages))
+
 Conventions every RL script relies on:
 - Prompts are left-padded (so all completions start at column P) and never lose their chat markup: a prompt longer
   than max_prompt_len is fitted by the chat format's one rule (model/chat_format.py fit_prompt: oldest turns first,
@@ -43,6 +48,8 @@ import torch.nn.functional as F
 
 from model import chat_format
 from model.chat_format import prompt_messages
+from trainer.rl_objectives import (IS_LEVELS, LOSS_TYPES, default_epsilon_high, k3_kl,  # noqa: F401 (re-exported)
+                                   masked_mean, objective_units, policy_objective)
 from trainer.trainer_utils import Logger, UserError, root_path, str2bool_int, unwrap, user_path
 
 # The reference's default (../../internlm2-1_8b-reward from trainer/), written relative to the repo root.
@@ -56,10 +63,12 @@ FORMAT_REWARD, TAG_REWARD = 0.5, 0.25
 
 def add_rl_args(parser: argparse.ArgumentParser, *, beta: float = 0.02, max_gen_len: int = 1536,
                 reasoning: int = 1) -> argparse.ArgumentParser:
-    """--beta --max_gen_len --reasoning --reward_model_path --answer_reward --temperature (reference §1.0)."""
+    """--beta --max_gen_len --reasoning --reward_model_path --answer_reward --temperature (reference §1.0), and
+    --mini_batch_size (several optimizer steps per rollout batch)."""
     parser.add_argument("--beta", type=float, default=beta,
                         help="KL 惩罚系数 / weight of the k3 KL to the frozen reference policy (MiniMind 0.02; "
-                             "the GRPO paper used 0.04)")
+                             "the GRPO paper used 0.04; DAPO and Dr. GRPO use 0). 0 builds no reference model: one "
+                             "policy's memory and one forward per rollout saved")
     parser.add_argument("--max_gen_len", type=int, default=max_gen_len,
                         help="生成的最大长度 / max new tokens per completion (--max_seq_len is the prompt length)")
     parser.add_argument("--reasoning", type=str2bool_int, default=reasoning, choices=[0, 1],
@@ -73,6 +82,10 @@ def add_rl_args(parser: argparse.ArgumentParser, *, beta: float = 0.02, max_gen_
                         help="可验证答案奖励权重 / weight of the rule-based reward for prompts whose reference answer "
                              "is a number (the demo arithmetic prompts): +w if the final answer equals it; 0 = off")
     parser.add_argument("--temperature", type=float, default=0.8, help="采样温度 / sampling temperature")
+    parser.add_argument("--mini_batch_size", type=int, default=0,
+                        help="每个优化步的样本数 / completions per optimizer step per rank: a rollout batch "
+                             "(--batch_size x --accumulation_steps prompts, x --num_generations in GRPO) is split "
+                             "into mini-batches of this size, one optimizer step each; 0 = the whole rollout batch")
     return parser
 
 
@@ -150,10 +163,49 @@ class Rollout:
     completions: list[str]         # decoded completions (skip_special_tokens=True)
     prompts: list[str]             # the prompt string of each row (repeated num_return_sequences times)
 
+    truncated: torch.Tensor | None = None  # [N] bool: no EOS within the generated tokens (cut at max_new_tokens)
+
     @property
     def num_tokens(self) -> int:
         """Generated tokens that count (up to and including EOS)."""
         return int(self.completion_mask.sum().item())
+
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        """These rows only, without the prompt and completion columns that are padding in all of them."""
+        rows = rows.to(self.input_ids.device)
+        P = self.prompt_len
+        am = self.attention_mask[rows]
+        lead = max(int(am[:, :P].sum(dim=1).max()), 1)  # the longest prompt (left-padded) of these rows
+        R = max(int(self.completion_mask[rows].sum(dim=1).max()), 1)
+        cols = slice(P - lead, P + R)
+        ids = [self.prompts[i] for i in rows.tolist()]
+        return Rollout(input_ids=self.input_ids[rows][:, cols], attention_mask=am[:, cols], prompt_len=lead,
+                       completion_ids=self.completion_ids[rows][:, :R], completion_mask=self.completion_mask[rows][:, :R],
+                       completions=[self.completions[i] for i in rows.tolist()], prompts=ids,
+                       truncated=self.truncated[rows] if self.truncated is not None else None)
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """One rollout of several (prompt blocks left-padded, completions right-padded to the widest)."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(r.prompt_len for r in parts)
+    R = max(r.completion_ids.shape[1] for r in parts)
+
+    def pad(t, left, right, value):
+        return F.pad(t, (left, right), value=value)
+
+    ids, am, cids, cm = [], [], [], []
+    for r in parts:
+        left, right = P - r.prompt_len, R - r.completion_ids.shape[1]
+        ids.append(pad(r.input_ids, left, right, pad_id))
+        am.append(pad(r.attention_mask, left, right, 0))
+        cids.append(pad(r.completion_ids, 0, right, pad_id))
+        cm.append(pad(r.completion_mask, 0, right, 0.0))
+    return Rollout(input_ids=torch.cat(ids), attention_mask=torch.cat(am), prompt_len=P,
+                   completion_ids=torch.cat(cids), completion_mask=torch.cat(cm),
+                   completions=[c for r in parts for c in r.completions], prompts=[p for r in parts for p in r.prompts],
+                   truncated=torch.cat([r.truncated for r in parts]))
 
 
 def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -199,7 +251,8 @@ def rollout(model, tokenizer, prompts: list[str], *, num_return_sequences: int =
                    for row, n in zip(completion_ids, lengths)]
     return Rollout(input_ids=out, attention_mask=torch.cat([prompt_mask, completion_mask.long()], dim=1),
                    prompt_len=P, completion_ids=completion_ids, completion_mask=completion_mask,
-                   completions=completions, prompts=[p for p in prompts for _ in range(num_return_sequences)])
+                   completions=completions, prompts=[p for p in prompts for _ in range(num_return_sequences)],
+                   truncated=~(completion_ids == eos).any(dim=1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -296,36 +349,6 @@ def completion_logprobs(model, rollout_or_ids, attention_mask: torch.Tensor | No
     T = temperature if temperature > 0 else 1.0
     targets = F.pad(ids[:, P:], (0, 1))
     return selected_logprobs(out.logits, targets, temperature=T)[:, :R], out.aux_loss
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    """sum(x*mask)/max(sum(mask), 1): an all-masked row gives 0, never NaN."""
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim=dim) / mask.sum(dim=dim).clamp(min=1)
-
-
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(pi || ref) on samples from pi: exp(ref - logp) - (ref - logp) - 1 >= 0."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
-
-
-def policy_kl_loss(logps: torch.Tensor, ref_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                   beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Single-update policy-gradient loss with a k3 KL penalty (GRPO's objective; SPO uses it too).
-
-    Per token: -(exp(logp - sg(logp)) * A - beta * k3). The ratio is exactly 1 in value and its gradient is
-    A * grad(logp), i.e. REINFORCE with a sequence-level advantage. Aggregation: masked mean over each completion's
-    tokens, then the mean over sequences (every completion weighs the same, whatever its length).
-    Returns (loss, kl) with kl the per-sequence masked mean k3 averaged over the batch (detached).
-    """
-    ratio = torch.exp(logps - logps.detach())
-    kl = k3_kl(logps, ref_logps)
-    per_token = -(ratio * advantages[:, None] - beta * kl)
-    loss = masked_mean(per_token, mask, dim=1).mean()
-    return loss, masked_mean(kl.detach(), mask, dim=1).mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -642,43 +665,151 @@ def check_reward_source(scorer: RewardScorer, dataset, data_path: str, sample: i
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One RL micro-step up to the loss (GRPO and SPO share it; the advantage and its bookkeeping are theirs)
+# One rollout batch up to its updates (GRPO and SPO share it; the advantage and its bookkeeping are theirs)
+
+def add_policy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The GRPO-family objective and the updates per rollout (GRPO, SPO); see trainer/rl_objectives.py."""
+    parser.add_argument("--loss_type", type=str, default="dapo", choices=list(LOSS_TYPES),
+                        help="策略损失 / policy loss: grpo = per-completion mean then mean (DeepSeekMath; the "
+                             "objective before this flag existed); dapo = mean over all tokens of the step (DAPO, "
+                             "TRL's default; recommended); dr_grpo = sum / (completions x --max_gen_len) (Dr. GRPO); "
+                             "cispo = clipped, detached importance weight x log-prob (MiniMax-M1)")
+    parser.add_argument("--importance_sampling_level", type=str, default="token", choices=list(IS_LEVELS),
+                        help="重要性权重 / importance ratio per token, or per sequence (GSPO, Zheng et al. 2025: "
+                             "exp of the mean token log-ratio; the paper uses --loss_type grpo --epsilon 3e-4 "
+                             "--epsilon_high 4e-4 --beta 0)")
+    parser.add_argument("--epsilon", type=float, default=0.2,
+                        help="比率下裁剪 / lower clip: ratio >= 1 - epsilon (PPO/GRPO: 0.2)")
+    parser.add_argument("--epsilon_high", type=float, default=None,
+                        help="比率上裁剪 / upper clip: ratio <= 1 + epsilon_high. Default: 0.28 with dapo (DAPO's "
+                             "clip-higher), 4.0 with cispo (weight cap 5 as ScaleRL/MiniMind), else = --epsilon")
+    parser.add_argument("--mask_truncated_completions", type=str2bool_int, default=0, choices=[0, 1],
+                        help="截断样本不计损失 / completions cut at --max_gen_len (no EOS) get no loss (DAPO's "
+                             "overlong filtering; recommended 1 when many completions hit the limit)")
+    parser.add_argument("--num_iterations", type=int, default=1,
+                        help="每批 rollout 的更新轮数 mu / optimizer passes over each rollout batch (GRPO paper's "
+                             "mu; TRL default 1). From the 2nd update on the ratio to the rollout policy differs from "
+                             "1 and clipping acts; 2 is a good start when generation dominates the step time")
+    return parser
+
+
+def check_policy_args(args) -> None:
+    """Resolve --epsilon_high and reject values no objective can use."""
+    if args.epsilon_high is None:
+        args.epsilon_high = default_epsilon_high(args.loss_type, args.epsilon)
+    if not 0 <= args.epsilon < 1 or not args.epsilon_high >= 0:
+        raise UserError(f"need 0 <= --epsilon < 1 and --epsilon_high >= 0, got {args.epsilon}, {args.epsilon_high}")
+    if args.beta < 0:
+        raise UserError(f"--beta {args.beta} must be >= 0 (0 = no KL term and no reference model)")
+
+
+def describe_objective(args) -> str:
+    clip = f"weight <= {1 + args.epsilon_high:g} (detached)" if args.loss_type == "cispo" else \
+        f"ratio in [{1 - args.epsilon:g}, {1 + args.epsilon_high:g}]"
+    return (f"objective {args.loss_type}, {args.importance_sampling_level}-level ratio, {clip}, beta {args.beta:g}"
+            + (", truncated completions masked" if args.mask_truncated_completions else ""))
+
+
+def reference_policy(model, beta: float):
+    """The frozen reference for the KL term, or None with --beta 0 (no copy, no forward: one model less)."""
+    if beta == 0:
+        Logger("--beta 0: no reference model is built (no KL term; saves one policy's memory and its forward)")
+        return None
+    return frozen_copy(model)
+
 
 @dataclass
-class RLBatch:
+class RolloutBatch:
     rollout: Rollout
     rewards: torch.Tensor     # [N] on the device
     reward_metrics: dict
-    logps: torch.Tensor       # [N, R] policy log-probs (with grad)
-    ref_logps: torch.Tensor   # [N, R] reference log-probs
-    aux_loss: torch.Tensor    # MoE load balancing of the policy forward
+    answers: list             # the reference answer of each row
 
 
-def sample_score_logprobs(loop, ref_model, tokenizer, scorer: RewardScorer, batch: dict, args, ctx,
-                          num_return_sequences: int) -> RLBatch:
-    """Rollout from the current policy, rewards right away (before any policy forward), then one policy forward
-    (log-probs + aux) and one reference forward, both under ctx.autocast() and both scoring the sampling
-    distribution softmax(logits / --temperature), so the policy gradient is on-policy."""
+def sample_and_score(model, tokenizer, scorer: RewardScorer, prompts: list, answers: list, args, ctx,
+                     num_return_sequences: int) -> RolloutBatch:
+    """All prompts x completions in ONE batched generate (the model's fast decode loop), then rewards right away
+    (before any training forward holds activations)."""
     with ctx.autocast():
-        ro = rollout(loop.raw_model, tokenizer, batch["prompt"], num_return_sequences=num_return_sequences,
-                     max_new_tokens=args.max_gen_len, max_prompt_len=args.max_seq_len,
-                     temperature=args.temperature)
-    answers = [a for a in batch["answer"] for _ in range(num_return_sequences)]
+        ro = rollout(model, tokenizer, prompts, num_return_sequences=num_return_sequences,
+                     max_new_tokens=args.max_gen_len, max_prompt_len=args.max_seq_len, temperature=args.temperature)
+    answers = [a for a in answers for _ in range(num_return_sequences)]
     rewards, reward_metrics = scorer(ro.prompts, ro.completions, answers)
-    with ctx.autocast():
-        logps, aux = completion_logprobs(loop.model, ro, temperature=args.temperature)
-        with torch.no_grad():
-            ref_logps, _ = completion_logprobs(ref_model, ro, temperature=args.temperature)
-    return RLBatch(ro, rewards, reward_metrics, logps, ref_logps, aux)
+    return RolloutBatch(ro, rewards, reward_metrics, answers)
 
 
-def rl_metrics(b: RLBatch, advantages: torch.Tensor, policy_loss: torch.Tensor, kl: torch.Tensor) -> dict:
-    """The metrics every RL stage logs (the loop adds lr and tokens/s)."""
+@torch.no_grad()
+def rollout_forward(fn, ro: Rollout, chunks: list, ctx) -> torch.Tensor:
+    """[N, R] fp32 of fn(sub-rollout) -> [n, R'] over the rollout's row chunks, without gradient, under the run's
+    autocast; padding columns are 0. Forwarded in exactly the chunks the updates use (same rows, same trimmed
+    widths), so that with equal weights the values equal the training pass's number for number."""
+    out = torch.zeros(ro.completion_ids.shape, dtype=torch.float32, device=ro.input_ids.device)
+    for rows in chunks:
+        sub = ro.select(rows)
+        with ctx.autocast():
+            v = fn(sub)
+        out[rows.to(out.device), :v.shape[1]] = v.float()
+    return out
+
+
+def frozen_logprobs(model, ro: Rollout, chunks: list, args, ctx) -> torch.Tensor:
+    """[N, R] log-probs of the rollout's completions under `model` (pi_old, the reference): ratio 1 and KL 0 when
+    the weights equal the policy's (see rollout_forward)."""
+    return rollout_forward(lambda sub: completion_logprobs(model, sub, temperature=args.temperature)[0], ro, chunks,
+                           ctx)
+
+
+def loss_mask(ro: Rollout, args) -> torch.Tensor:
+    """The completion mask, with truncated completions zeroed under --mask_truncated_completions 1."""
+    mask = ro.completion_mask
+    if getattr(args, "mask_truncated_completions", 0):
+        mask = mask * (~ro.truncated).to(mask.dtype)[:, None]
+    return mask
+
+
+def policy_updates(loop, ro: Rollout, advantages: torch.Tensor, args, ctx, *, ref_model=None,
+                   metrics: dict | None = None) -> torch.Tensor:
+    """The optimizer steps of one rollout batch with the GRPO-family objective (GRPO, SPO). Returns the rollout
+    policy's log-probs [N, R] (detached; SPO's tracker reads them without another forward).
+
+    pi_old: with one optimizer step per rollout batch the rollout policy IS the policy of the update, so
+    old_logp = logp.detach() (ratio 1, no extra forward); with several (--num_iterations > 1 or mini-batches) the
+    rollout's log-probs are computed once, here, without gradient, and every update's ratio is taken against them.
+    The reference log-probs are computed once per rollout batch too (not once per update)."""
+    mask = loss_mask(ro, args)
+    chunks = loop.rollout_chunks(len(ro.completions))
+    old_logp = frozen_logprobs(loop.model, ro, chunks, args, ctx) if loop.steps_per_rollout > 1 else None
+    ref_logp = frozen_logprobs(ref_model, ro, chunks, args, ctx) if ref_model is not None else None
+    rollout_logp = old_logp if old_logp is not None else torch.zeros(mask.shape, device=mask.device)
+
+    def loss_fn(rows, iteration):
+        sub = ro.select(rows)
+        R, dev_rows = sub.completion_ids.shape[1], rows.to(advantages.device)
+        with ctx.autocast():
+            logp, aux = completion_logprobs(loop.model, sub, temperature=args.temperature)
+        if old_logp is None:  # one step per rollout: this pass is the rollout policy
+            rollout_logp[dev_rows, :R] = logp.detach()
+        old = old_logp[dev_rows, :R] if old_logp is not None else logp.detach()
+        ref = ref_logp[dev_rows, :R] if ref_logp is not None else None
+        loss, stats = policy_objective(logp, old, advantages[dev_rows], mask[dev_rows, :R], loss_type=args.loss_type,
+                                       importance_sampling_level=args.importance_sampling_level,
+                                       epsilon=args.epsilon, epsilon_high=args.epsilon_high, ref_logp=ref,
+                                       beta=args.beta, max_gen_len=args.max_gen_len)
+        return loss, dict(stats, aux=aux, num_tokens=sub.num_tokens)
+
+    loop.update(loss_fn, len(ro.completions), row_units=objective_units(mask, args.loss_type, args.max_gen_len),
+                metrics=metrics)
+    return rollout_logp
+
+
+def rl_metrics(b: RolloutBatch) -> dict:
+    """The rollout-level metrics every RL stage logs (the stage adds its advantage statistics, the update the loss
+    terms, the loop lr and tokens/s)."""
     n = b.rewards.numel()
-    return dict(reward=b.rewards.mean(), reward_std=b.rewards.std(unbiased=False) if n > 1 else 0.0, kl=kl,
-                advantage_mean=advantages.mean(), advantage_std=advantages.std(unbiased=False) if n > 1 else 0.0,
-                completion_len=b.rollout.completion_mask.sum(dim=1).mean(), policy_loss=policy_loss.detach(),
-                aux_loss=b.aux_loss.detach(), **b.reward_metrics)
+    ro = b.rollout
+    return dict(reward=b.rewards.mean(), reward_std=b.rewards.std(unbiased=False) if n > 1 else 0.0,
+                completion_len=ro.completion_mask.sum(dim=1).mean(), truncated=ro.truncated.float().mean(),
+                **b.reward_metrics)
 
 
 def check_rl_args(args) -> None:

@@ -10,19 +10,23 @@ Data: RLAIF/SFT-format JSONL; the prompt is every message but the last, the last
 (used by the checkable reward when it is a number). Starts from out/reason_* (--reasoning 1) or out/full_sft_*
 (--reasoning 0), writes out/grpo_{hidden}{_moe}.pth.
 
-Objective (DeepSeekMath GRPO, single update per batch, so the importance ratio is exactly 1):
-    A_i = (r_i - mean_g r) / (std_g r + 1e-4)         within each prompt's group of G samples, population std;
-                                                     no second normalisation over the batch (reference §7 item 30)
-    per token: -(exp(logp - sg(logp)) * A_i - beta * k3(pi, ref)),  k3 = exp(ref - logp) - (ref - logp) - 1
-    loss = mean over completions of the masked mean over each completion's tokens (+ MoE aux loss)
+Objective (trainer/rl_objectives.py; --loss_type, default dapo):
+    A_i = (r_i - mean_g r) / (std_g r + 1e-4)         within each prompt's group of G samples, population std
+                                                     (--scale_rewards group; batch: the std of the whole rollout
+                                                     batch on all ranks; none: no division, Dr. GRPO); no second
+                                                     normalisation over the batch (reference §7 item 30)
+    per token: -min(w A_i, clip(w, 1 - eps, 1 + eps_high) A_i) + beta k3(pi, ref),  w = pi / pi_old
+    aggregated per --loss_type: grpo (per completion, then mean: the objective before --loss_type existed),
+    dapo (over all tokens of the step), dr_grpo (/ completions x max_gen_len); cispo: -sg(min(w, 1 + eps_high))
+    A_i log pi. The rollout batch (--batch_size x --accumulation_steps prompts x G, one batched generate) takes
+    --num_iterations x mini-batch (--mini_batch_size) optimizer steps; pi_old is the rollout policy, so the first
+    update has w = 1 and later ones clip. --beta 0 builds no reference model.
 
---num_generations 1 (the seed command): a group of one has no baseline (its own mean: every A_i would be 0 and only
-the KL term would train). The batch is the baseline instead:
-    A_i = (r_i - mean_B r) / (std_B r + 1e-4)          over all batch_size x world_size completions of the micro-step
-on every rank (one all-reduce of [count, sum, sum of squares] in fp64; `batch_advantages`). That is REINFORCE with a
-batch-mean baseline, normalised: completions better than the batch's average are pushed up, worse ones down. It
-needs >= 2 completions per step (the script refuses --batch_size 1 on one process); with prompts of mixed difficulty
-it credits easy prompts more than per-prompt groups would, so G >= 2 stays the better choice when affordable.
+Groups whose G rewards are all equal have A = 0: they carry no signal (logged as frac_reward_zero_std).
+--dynamic_sampling 1 (DAPO) replaces them with groups of further prompts drawn from the data (seeded by step and
+rank, so a resumed run draws the same), at most DYNAMIC_ROUNDS extra generate calls per rollout batch; a batch
+still short keeps some all-equal groups (logged: dynamic_rounds, dynamic_short).
+
 """
 import sys
 from pathlib import Path
@@ -33,27 +37,31 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from dataset.lm_dataset import collate_rl  # noqa: E402
-from trainer.rl_utils import (RewardScorer, add_rl_args, check_reward_source, check_rl_args,  # noqa: E402
-                              frozen_copy, load_rl_dataset, policy_kl_loss, rl_from_weight, rl_metrics,
-                              sample_score_logprobs)
-from trainer.trainer_utils import (Logger, TrainLoop, UserError, build_optimizer, build_parser,  # noqa: E402
-                                   init_model, init_run, model_config_from_args, parse_args, run_main)
+from trainer.answer_eval import PeriodicEval, add_eval_args  # noqa: E402
+from trainer.rl_utils import (RewardScorer, RolloutBatch, add_policy_args, add_rl_args,  # noqa: E402
+                              check_policy_args, check_reward_source, check_rl_args, concat_rollouts,
+                              describe_objective, load_rl_dataset, policy_updates, reference_policy, rl_from_weight,
+                              rl_metrics, sample_and_score)
+from trainer.trainer_utils import (Logger, RolloutUpdates, TrainLoop, UserError, build_optimizer,  # noqa: E402
+                                   build_parser, init_model, init_run, model_config_from_args, parse_args, run_main)
 
 ADV_EPS = 1e-4
+DYNAMIC_ROUNDS = 3  # extra generate calls per rollout batch at most under --dynamic_sampling 1
 
 
-def group_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
-    """(r - group mean) / (group population std + 1e-4); rows i*G .. i*G+G-1 form prompt i's group."""
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale: bool = True) -> torch.Tensor:
+    """(r - group mean) / (group population std + 1e-4); rows i*G .. i*G+G-1 form prompt i's group.
+    scale=False: r - group mean (Dr. GRPO)."""
     groups = rewards.view(-1, num_generations)
-    mean = groups.mean(dim=1, keepdim=True)
-    std = groups.std(dim=1, unbiased=False, keepdim=True)
-    return ((groups - mean) / (std + ADV_EPS)).view(-1)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(dim=1, unbiased=False, keepdim=True) + ADV_EPS)
+    return centred.view(-1)
 
 
-def batch_advantages(rewards: torch.Tensor, all_reduce=None):
-    """(r - batch mean) / (batch population std + 1e-4) over the completions of every rank: the baseline of a
-    group of one (--num_generations 1). all_reduce: an in-place sum over ranks (default dist.all_reduce when a
-    process group is up; none on one process). Returns (advantages, mean, std), mean and std as 0-dim tensors."""
+def batch_stats(rewards: torch.Tensor, all_reduce=None):
+    """(mean, population std) over the rewards of every rank, from one all-reduce of [count, sum, sum of squares]
+    in fp64. all_reduce: an in-place sum over ranks (default dist.all_reduce when a process group is up)."""
     r = rewards.detach().double()
     stats = torch.stack([torch.ones_like(r).sum(), r.sum(), (r * r).sum()])
     if all_reduce is None and dist.is_initialized():
@@ -62,8 +70,74 @@ def batch_advantages(rewards: torch.Tensor, all_reduce=None):
         all_reduce(stats)
     n, total, squares = stats.unbind()
     mean = total / n
-    std = (squares / n - mean * mean).clamp(min=0).sqrt()
-    return ((r - mean) / (std + ADV_EPS)).to(rewards.dtype), mean.float(), std.float()
+    return mean, (squares / n - mean * mean).clamp(min=0).sqrt()
+
+
+def batch_advantages(rewards: torch.Tensor, all_reduce=None, scale: bool = True):
+    """(r - batch mean) / (batch population std + 1e-4) over the completions of every rank: the baseline of a
+    group of one (--num_generations 1). Returns (advantages, mean, std), mean and std as 0-dim tensors."""
+    mean, std = batch_stats(rewards, all_reduce)
+    adv = rewards.detach().double() - mean
+    if scale:
+        adv = adv / (std + ADV_EPS)
+    return adv.to(rewards.dtype), mean.float(), std.float()
+
+
+def advantages_of(rewards: torch.Tensor, num_generations: int, scale_rewards: str) -> tuple[torch.Tensor, dict]:
+    """The advantages of a rollout batch and their logged extras (--num_generations, --scale_rewards)."""
+    if num_generations == 1:
+        adv, mean, std = batch_advantages(rewards, scale=scale_rewards != "none")
+        return adv, {"baseline": mean, "baseline_std": std}
+    if scale_rewards == "batch":  # group baseline, the whole rollout batch's std (all ranks)
+        _, std = batch_stats(rewards)
+        return group_advantages(rewards, num_generations, scale=False) / (std.float() + ADV_EPS), {}
+    return group_advantages(rewards, num_generations, scale=scale_rewards == "group"), {}
+
+
+def zero_std_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """[groups] bool: the groups whose rewards are all equal (advantage 0 for every member: no signal)."""
+    groups = rewards.view(-1, num_generations)
+    return (groups == groups[:, :1]).all(dim=1)
+
+
+def group_rows(groups: torch.Tensor, num_generations: int) -> torch.Tensor:
+    return (groups[:, None] * num_generations + torch.arange(num_generations)).reshape(-1)
+
+
+def take_rows(b: RolloutBatch, rows: torch.Tensor) -> RolloutBatch:
+    return RolloutBatch(b.rollout.select(rows), b.rewards[rows.to(b.rewards.device)], b.reward_metrics,
+                        [b.answers[i] for i in rows.tolist()])
+
+
+def fill_informative_groups(b: RolloutBatch, loop, tokenizer, scorer, args, ctx) -> tuple[RolloutBatch, dict]:
+    """DAPO's dynamic sampling: drop the all-equal groups and fill the batch with informative groups of further
+    prompts (drawn from the data with a generator seeded by seed, micro-step and rank), one batched generate per
+    round, at most DYNAMIC_ROUNDS rounds; a batch still short keeps the first dropped groups so every rank takes
+    the same number of optimizer steps."""
+    G = args.num_generations
+    zero = zero_std_groups(b.rewards, G).cpu()
+    need = int(zero.sum())
+    if need == 0:
+        return b, {"dynamic_rounds": 0.0, "dynamic_short": 0.0}
+    parts = [take_rows(b, group_rows((~zero).nonzero().flatten(), G))] if need < len(zero) else []
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + 7_919 * loop.global_step + ctx.rank)
+    rounds = 0
+    while need > 0 and rounds < DYNAMIC_ROUNDS:
+        rounds += 1
+        items = [loop.dataset[i] for i in torch.randint(len(loop.dataset), (need,), generator=gen).tolist()]
+        nb = sample_and_score(loop.raw_model, tokenizer, scorer, [it["prompt"] for it in items],
+                              [it["answer"] for it in items], args, ctx, G)
+        good = (~zero_std_groups(nb.rewards, G).cpu()).nonzero().flatten()[:need]
+        if len(good):
+            parts.append(take_rows(nb, group_rows(good, G)))
+            need -= len(good)
+    short = need
+    if short:
+        parts.append(take_rows(b, group_rows(zero.nonzero().flatten()[:short], G)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    merged = RolloutBatch(concat_rollouts([p.rollout for p in parts], pad), torch.cat([p.rewards for p in parts]),
+                          b.reward_metrics, [a for p in parts for a in p.answers])
+    return merged, {"dynamic_rounds": float(rounds), "dynamic_short": float(short)}
 
 
 def main():
@@ -73,46 +147,68 @@ def main():
                           accumulation_steps=1, log_interval=1, save_interval=10, max_seq_len=66,
                           data_path="dataset/rlaif-mini.jsonl", from_weight="auto", wandb_project="MiniMind-GRPO")
     add_rl_args(parser)
+    add_policy_args(parser)
+    add_eval_args(parser)
     parser.add_argument("--num_generations", type=int, default=8,
                         help="每个 prompt 的采样数 G / completions per prompt (the group; GRPO paper: 64, "
                              "MiniMind 8); 1 = no group: the batch on all ranks is the baseline")
+    parser.add_argument("--scale_rewards", type=str, default="group", choices=["group", "batch", "none"],
+                        help="优势的标准差归一化 / divide advantages by the group's reward std (GRPO; TRL default), "
+                             "the whole batch's (batch), or not at all (none: Dr. GRPO's recommendation, no "
+                             "difficulty bias)")
+    parser.add_argument("--dynamic_sampling", type=int, default=0, choices=[0, 1],
+                        help=f"动态采样 / DAPO's dynamic sampling: replace groups whose rewards are all equal by "
+                             f"groups of further prompts (at most {DYNAMIC_ROUNDS} extra generate calls per rollout "
+                             "batch); needs --num_generations >= 2")
     args = parse_args(parser)
     check_rl_args(args)
+    check_policy_args(args)
     if args.num_generations < 1:
         raise UserError(f"--num_generations {args.num_generations} must be >= 1")
+    if args.dynamic_sampling and args.num_generations < 2:
+        raise UserError("--dynamic_sampling 1 drops groups whose rewards are all equal; a group of one always is: "
+                        "use --num_generations >= 2")
     ctx = init_run(args)
     if args.num_generations == 1:
-        n = args.batch_size * ctx.world_size
+        n = args.batch_size * args.accumulation_steps * ctx.world_size
         if n < 2:
             raise UserError("--num_generations 1 uses the batch as the baseline and needs >= 2 completions per "
                             "step; raise --batch_size (or --num_generations)")
         Logger(f"note: --num_generations 1: a group of one has no baseline, so the batch is the baseline: "
                f"A = (r - mean) / (std + {ADV_EPS:g}) over the {n} completions of each step on all {ctx.world_size} "
-               "rank(s) (batch_size x world_size); --num_generations >= 2 gives per-prompt groups")
+               "rank(s) (batch_size x accumulation_steps x world_size); --num_generations >= 2 gives per-prompt "
+               "groups")
 
     # ---------------------------------------------------------------- policy, reference, data, rewards
     config = model_config_from_args(args)
     model, tokenizer = init_model(config, rl_from_weight(args), args.tokenizer_path, args.save_dir, ctx.device)
-    ref_model = frozen_copy(model)
+    ref_model = reference_policy(model, args.beta)
     dataset = load_rl_dataset(args, tokenizer)
     scorer = RewardScorer(args, tokenizer, ctx.device)
     check_reward_source(scorer, dataset, args.data_path)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_rl,
-                     config=config, stage="GRPO", tokenizer=tokenizer,
+                     config=config, stage="GRPO", tokenizer=tokenizer, evaluate=PeriodicEval(args, tokenizer, ctx, model),
+                     rollout=RolloutUpdates(args.num_iterations, args.mini_batch_size, args.num_generations),
                      run_name=f"MiniMind-GRPO-Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
+    Logger(describe_objective(args) + f", rewards scaled by {args.scale_rewards} std"
+           + (", dynamic sampling" if args.dynamic_sampling else ""))
 
     # ---------------------------------------------------------------- train
+    G = args.num_generations
     for batch in loop:
-        b = sample_score_logprobs(loop, ref_model, tokenizer, scorer, batch, args, ctx, args.num_generations)
+        b = sample_and_score(loop.raw_model, tokenizer, scorer, batch["prompt"], batch["answer"], args, ctx, G)
         extra = {}
-        if args.num_generations == 1:
-            advantages, extra["baseline"], extra["baseline_std"] = batch_advantages(b.rewards)
-        else:
-            advantages = group_advantages(b.rewards, args.num_generations)
-        policy_loss, kl = policy_kl_loss(b.logps, b.ref_logps, advantages, b.rollout.completion_mask, args.beta)
-        loop.backward(policy_loss + b.aux_loss, num_tokens=b.rollout.num_tokens,
-                      **rl_metrics(b, advantages, policy_loss, kl), **extra)
+        if G > 1:
+            extra["frac_reward_zero_std"] = zero_std_groups(b.rewards, G).float().mean()
+        metrics = rl_metrics(b)  # of the data's prompts, before dynamic sampling picks groups
+        if args.dynamic_sampling:
+            b, filled = fill_informative_groups(b, loop, tokenizer, scorer, args, ctx)
+            extra.update(filled)
+        advantages, adv_extra = advantages_of(b.rewards, G, args.scale_rewards)
+        metrics.update(extra, **adv_extra, advantage_mean=advantages.mean(),
+                       advantage_std=advantages.std(unbiased=False) if advantages.numel() > 1 else 0.0)
+        policy_updates(loop, b.rollout, advantages, args, ctx, ref_model=ref_model, metrics=metrics)
     loop.finish()
 
 

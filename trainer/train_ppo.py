@@ -10,37 +10,41 @@ one is a reference answer (scored by the rule-based reward when it is a number, 
 from out/reason_* (--reasoning 1) or out/full_sft_* (--reasoning 0) unless --from_weight names another weight;
 writes out/ppo_actor_{hidden}{_moe}.pth. The critic lives only in the resume file (checkpoints/).
 
-Four models:
-    actor      pi_theta, trained (DDP).
-    old actor  pi_old, the behaviour policy: it samples every rollout and gives old_logp. A frozen copy of the actor,
-               refreshed at the start and every --update_old_actor_freq optimizer steps (and restored on resume),
-               so the ratio pi_theta / pi_old always compares against the policy that produced the data.
-    reference  pi_ref, the frozen starting policy; the KL term keeps the actor near it.
+Models:
+    actor      pi_theta, trained (DDP). It samples every rollout (--update_old_actor_freq 1, the default).
+    old actor  only with --update_old_actor_freq N > 1: a frozen copy of the actor that samples the rollouts, synced
+               every N optimizer steps (at the rollout boundary where a multiple of N is passed) and restored on
+               resume, so the behaviour policy may lag the actor. With 1 no copy is built (one model less).
+    reference  pi_ref, the frozen starting policy; the KL term keeps the actor near it (none with --kl_coef 0).
     critic     V_phi: the actor's trunk (a copy of its initial weights; the trunk's final norm is applied once) and a
                zero-initialised Linear(hidden, 1) value head, so V starts at 0 rather than at noise. Trained (DDP).
 
-Per step, over the completion tokens t of each sampled response (mask: up to and including EOS):
+A rollout batch (--batch_size x --accumulation_steps prompts, one generate call) is scored once, without gradient:
+old_logp (pi_old: the behaviour policy's log-probs), ref_logp, and the critic's values V_old; then
+--ppo_update_iters passes over it in mini-batches (--mini_batch_size) take one optimizer step each, ratios against
+old_logp, values clipped around V_old; --early_stop_kl ends a batch's updates when the KL to pi_old passes it.
+Per rollout, over the completion tokens t of each sampled response (mask: up to and including EOS):
     reward      R from rl_utils.RewardScorer (format/tag, checkable answer, reward model), paid at the last token.
     values      V_t = V_phi at the position that predicts token t (the state in which t is chosen).
-    advantage   GAE (Schulman et al. 2016): delta_t = r_t + gamma V_{t+1} - V_t with V = 0 after the last token,
-                A_t = sum_k (gamma lam)^k delta_{t+k}, returns G_t = A_t + V_t. Defaults gamma = lam = 1, i.e.
-                A_t = R - V_t: the reward minus a per-token learned baseline, unbiased however poor the critic is
-                (at the default critic lr of 8e-8 it stays near 0 for a long time; lam < 1 would then hand the
-                early tokens of a long reply almost no credit). A is then centred over the batch's completion
+    advantage   GAE (Schulman et al. 2016) on V_old: delta_t = r_t + gamma V_{t+1} - V_t with V = 0 after the last
+                token, A_t = sum_k (gamma lam)^k delta_{t+k}, returns G_t = A_t + V_t. Defaults gamma = lam = 1,
+                i.e. A_t = R - V_t: the reward minus a per-token learned baseline, unbiased however poor the critic
+                is (at the default critic lr of 8e-8 it stays near 0 for a long time; lam < 1 would then hand the
+                early tokens of a long reply almost no credit). A is then centred over the rollout's completion
                 tokens (a batch baseline on top of the critic) but not divided by its std, see `center`.
+Per update, on a mini-batch:
     policy      ratio_t = exp(logp_t - old_logp_t) per token (never a product over the sequence, which overflows);
-                L_pi = masked mean of max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps)).
-    value       L_V = masked mean of (V_t - G_t)^2. No value clipping: each rollout is used for one update, so
-                the clipping anchor (the values before the update) would equal the current values.
+                L_pi = masked mean of max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps)) (rl_objectives).
+    value       L_V = masked mean of max((V_t - G_t)^2, (V_old + clip(V_t - V_old, +-c) - G_t)^2), c =
+                --cliprange_value (0: unclipped); at the first update V = V_old, so the clip only acts later.
     KL          L_KL = masked mean of k3 = exp(ref - logp) - (ref - logp) - 1 (an estimator of KL(pi || ref)),
                 added to the loss with gradient (not subtracted from the reward).
     loss        L_pi + vf_coef L_V + kl_coef L_KL (+ the MoE aux losses of actor and critic).
-Masked means run over all completion tokens of the micro-batch. Log-probs of actor, old actor and reference come
-from rl_utils.completion_logprobs under the same autocast and score the sampling distribution softmax(logits / T)
-(T = --temperature), so with equal weights the ratio is exactly 1 and the KL exactly 0. Forwards per micro-step:
-actor (with grad), reference, critic, and the old actor only when it differs from the actor: in the optimizer step
-where it was just synced the actor's own log-probs are reused (bit-identical, with dropout 0), which saves one
-forward in every --update_old_actor_freq steps (all of them at 1).
+Masked means run over all completion tokens of the mini-batch on every rank. Log-probs of actor, old actor and
+reference come from rl_utils.completion_logprobs under the same autocast, in the same row chunks, and score the
+sampling distribution softmax(logits / T) (T = --temperature), so with equal weights the ratio is exactly 1 and the
+KL exactly 0. With one optimizer step per rollout and the actor as behaviour policy, old_logp is the update's own
+log-probs (detached): no extra forward.
 """
 import copy
 import sys
@@ -52,10 +56,13 @@ import torch
 from torch import nn
 
 from dataset.lm_dataset import collate_rl
+from trainer.answer_eval import PeriodicEval, add_eval_args
+from trainer.rl_objectives import clipped_surrogate, log_importance_weights
 from trainer.rl_utils import (RewardScorer, add_rl_args, check_reward_source, check_rl_args, completion_logprobs,
-                              frozen_copy, k3_kl, load_rl_dataset, masked_mean, rl_from_weight, rollout)
-from trainer.trainer_utils import (Logger, TrainLoop, UserError, build_optimizer, build_parser, init_model, init_run,
-                                   model_config_from_args, parse_args, run_main)
+                              frozen_copy, frozen_logprobs, k3_kl, load_rl_dataset, masked_mean, reference_policy,
+                              rl_from_weight, rl_metrics, rollout_forward, sample_and_score)
+from trainer.trainer_utils import (Logger, RolloutUpdates, TrainLoop, UserError, build_optimizer, build_parser,
+                                   init_model, init_run, model_config_from_args, parse_args, run_main)
 
 
 class CriticModel(nn.Module):
@@ -107,24 +114,32 @@ def center(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def ppo_losses(logp, old_logp, ref_logp, advantages, values, returns, mask, *, clip_epsilon: float,
-               vf_coef: float, kl_coef: float):
+               vf_coef: float, kl_coef: float, old_values=None, cliprange_value: float = 0.0):
     """PPO loss on per-token tensors [N, R] (see the module docstring); returns (loss, detached stats).
 
-    logp and values carry gradients; old_logp, ref_logp, advantages and returns are constants.
-    clip_frac is the fraction of completion tokens whose clipped term is active (their policy gradient is zero).
+    logp and values carry gradients; old_logp, ref_logp (None: no KL term), advantages, returns and old_values (the
+    rollout's values, the anchor of value clipping) are constants. clip_frac is the fraction of completion tokens
+    whose clipped term is active (their policy gradient is zero), split into clip_ratio_low / clip_ratio_high;
+    value_clip_frac the fraction whose clipped value error was the larger one.
     """
-    # exp(20) is far outside any sane clip range; the clamp only keeps a wild ratio from becoming inf (inf*0 = NaN)
-    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_epsilon, 1.0 + clip_epsilon)
-    policy_loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    value_loss = masked_mean((values - returns) ** 2, mask)
-    kl_ref = masked_mean(k3_kl(logp, ref_logp), mask)
+    ratio = torch.exp(log_importance_weights(logp, old_logp, mask, "token"))
+    per_token, low, high = clipped_surrogate(ratio, advantages, clip_epsilon, clip_epsilon)
+    policy_loss = masked_mean(per_token, mask)
+    err = (values - returns) ** 2
+    value_clip = torch.zeros((), device=values.device)
+    if cliprange_value > 0 and old_values is not None:
+        clipped_values = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+        clipped_err = (clipped_values - returns) ** 2
+        value_clip = masked_mean((clipped_err > err).float(), mask)
+        err = torch.maximum(err, clipped_err)
+    value_loss = masked_mean(err, mask)
+    kl_ref = masked_mean(k3_kl(logp, ref_logp), mask) if ref_logp is not None else torch.zeros((), device=logp.device)
     loss = policy_loss + vf_coef * value_loss + kl_coef * kl_ref
     with torch.no_grad():
+        low_frac, high_frac = masked_mean(low.float(), mask), masked_mean(high.float(), mask)
         stats = dict(policy_loss=policy_loss.detach(), value_loss=value_loss.detach(), kl_ref=kl_ref.detach(),
-                     approx_kl=masked_mean(k3_kl(logp.detach(), old_logp), mask),
-                     clip_frac=masked_mean((clipped > unclipped).float(), mask),
+                     approx_kl=masked_mean(k3_kl(logp.detach(), old_logp), mask), clip_frac=low_frac + high_frac,
+                     clip_ratio_low=low_frac, clip_ratio_high=high_frac, value_clip_frac=value_clip,
                      ratio=masked_mean(ratio.detach(), mask))
     return loss, stats
 
@@ -137,6 +152,7 @@ def build_ppo_parser():
                           max_seq_len=66, data_path="dataset/rlaif-mini.jsonl", from_weight="auto",
                           wandb_project="MiniMind-PPO")
     add_rl_args(parser)
+    add_eval_args(parser)
     parser.add_argument("--kl_coef", type=float, default=None,
                         help="PPO 名称下的 --beta (MiniMind 0.02) / the reference PPO's name for --beta, the k3 "
                              "KL-to-reference coefficient; given, it wins over --beta")
@@ -145,9 +161,20 @@ def build_ppo_parser():
     parser.add_argument("--clip_epsilon", type=float, default=0.1,
                         help="PPO 比率裁剪 / PPO ratio clip epsilon (Schulman et al. 2017 used 0.1-0.2)")
     parser.add_argument("--vf_coef", type=float, default=0.5, help="value loss 系数 / value loss coefficient")
-    parser.add_argument("--update_old_actor_freq", type=int, default=4,
-                        help="每 N 个优化步把 actor 复制给采样用的 old actor / copy the actor into the rollout "
-                             "(behaviour) policy every N optimizer steps; 1 = fully on-policy")
+    parser.add_argument("--update_old_actor_freq", type=int, default=1,
+                        help="每 N 个优化步把 actor 复制给采样用的 old actor / sample rollouts with a copy of the "
+                             "actor synced every N optimizer steps (MiniMind 0.x: 4); 1 = the actor samples itself "
+                             "and no copy is built (MiniMind 3, recommended)")
+    parser.add_argument("--ppo_update_iters", type=int, default=1,
+                        help="每批 rollout 的更新轮数 / PPO epochs: optimizer passes over each rollout batch "
+                             "(Schulman et al. 2017: 3-10; MiniMind 3: 2). From the 2nd pass on the ratio to pi_old "
+                             "differs from 1, clipping, value clipping and --early_stop_kl act")
+    parser.add_argument("--cliprange_value", type=float, default=0.2,
+                        help="value 裁剪 / clip the critic's values to V_old +- c in the value loss (PPO2 / MiniMind 3: "
+                             "0.2); 0 = off. Acts from the 2nd update of a rollout batch on")
+    parser.add_argument("--early_stop_kl", type=float, default=0.0,
+                        help="KL 提前停止 / skip a rollout batch's remaining updates once the mean k3 KL to pi_old "
+                             "passes this (MiniMind 3: 0.25; OpenAI baselines used ~1.5 x a 0.01 target); 0 = off")
     parser.add_argument("--gamma", type=float, default=1.0, help="GAE 折扣 / GAE discount (1.0: one final reward)")
     parser.add_argument("--lam", type=float, default=1.0,
                         help="GAE lambda (Schulman et al. 2016). 1.0 = reward minus a per-token value baseline, "
@@ -163,15 +190,20 @@ def main(argv=None, reward_model=None):
     args = parse_args(parser, argv)
     check_rl_args(args)
     args.kl_coef = args.beta = args.beta if args.kl_coef is None else args.kl_coef
-    if args.update_old_actor_freq < 1:
-        raise UserError(f"--update_old_actor_freq {args.update_old_actor_freq} must be >= 1")
+    for flag in ("update_old_actor_freq", "ppo_update_iters"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)} must be >= 1")
+    if args.cliprange_value < 0 or args.early_stop_kl < 0:
+        raise UserError("--cliprange_value and --early_stop_kl must be >= 0 (0 = off)")
     args.from_weight = rl_from_weight(args)
     ctx = init_run(args)
 
     # ---------------------------------------------------------------- models and data
     config = model_config_from_args(args)
     actor, tokenizer = init_model(config, args.from_weight, args.tokenizer_path, args.save_dir, ctx.device)
-    old_actor, ref_model = frozen_copy(actor), frozen_copy(actor)  # before TrainLoop may load a resume file
+    # before TrainLoop may load a resume file: the copies start as the initial weights
+    old_actor = frozen_copy(actor) if args.update_old_actor_freq > 1 else None
+    ref_model = reference_policy(actor, args.kl_coef)
     critic = CriticModel(copy.deepcopy(actor.model)).to(ctx.device)
     dataset = load_rl_dataset(args, tokenizer)
     scorer = RewardScorer(args, tokenizer, ctx.device, reward_model=reward_model)
@@ -180,54 +212,63 @@ def main(argv=None, reward_model=None):
     critic_opt = build_optimizer(critic, args.critic_learning_rate, args.weight_decay, ctx.device)
     loop = TrainLoop(args, ctx, model=actor, optimizer={"actor": actor_opt, "critic": critic_opt}, dataset=dataset,
                      collate_fn=collate_rl, config=config, stage="PPO", tokenizer=tokenizer,
-                     resume_objects={"critic": critic, "old_actor": old_actor},
+                     resume_objects={"critic": critic, **({"old_actor": old_actor} if old_actor is not None else {})},
+                     evaluate=PeriodicEval(args, tokenizer, ctx, actor),
+                     rollout=RolloutUpdates(args.ppo_update_iters, args.mini_batch_size, 1, "ppo_update_iters"),
                      run_name=f"MiniMind-PPO-Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
     critic_model = loop.wrap(critic)
     Logger(f"PPO from {args.from_weight}: actor lr {args.learning_rate}, critic lr {args.critic_learning_rate}, "
-           f"old actor synced every {args.update_old_actor_freq} optimizer steps")
+           + (f"old actor synced every {args.update_old_actor_freq} optimizer steps" if old_actor is not None
+              else "the actor samples its own rollouts (no old-actor copy)")
+           + f", clip {args.clip_epsilon:g}, value clip {args.cliprange_value:g}, KL early stop "
+           + (f"{args.early_stop_kl:g}" if args.early_stop_kl else "off"))
 
     # ---------------------------------------------------------------- train
     synced_at = None  # a resumed run keeps the restored old actor until the next sync point
     deterministic = config.dropout == 0  # train-mode forward == eval-mode forward (MoE routing is mode-free)
+    S, N_sync = loop.steps_per_rollout, args.update_old_actor_freq
     for batch in loop:
-        if loop.opt_step % args.update_old_actor_freq == 0 and synced_at != loop.opt_step:
+        # the old actor is synced at the first rollout boundary of each span of N optimizer steps (stateless, so a
+        # resumed run syncs where the uninterrupted one did)
+        if old_actor is not None and loop.opt_step % N_sync < S and synced_at != loop.opt_step:
             old_actor.load_state_dict(actor.state_dict())
             synced_at = loop.opt_step
-        old_is_actor = deterministic and synced_at == loop.opt_step
-        # sampling depends only on (seed, rank, step), so a resumed run draws the same rollouts
-        torch.manual_seed(args.seed + 100_003 * loop.global_step + ctx.rank)
+        behaviour = old_actor if old_actor is not None else loop.raw_model
+        behaviour_is_actor = old_actor is None or (deterministic and synced_at == loop.opt_step)
 
-        # rollout by the behaviour policy, then rewards (before any training forward holds activations)
-        with ctx.autocast():
-            ro = rollout(old_actor, tokenizer, batch["prompt"], max_new_tokens=args.max_gen_len,
-                         max_prompt_len=args.max_seq_len, temperature=args.temperature)
-        rewards, reward_stats = scorer(ro.prompts, ro.completions, batch["answer"])
-        mask = ro.completion_mask
+        # rollout and rewards, then everything the updates compare against, once, without gradient
+        b = sample_and_score(behaviour, tokenizer, scorer, batch["prompt"], batch["answer"], args, ctx, 1)
+        ro, rewards, mask = b.rollout, b.rewards, b.rollout.completion_mask
+        chunks = loop.rollout_chunks(len(ro.completions))
+        if behaviour_is_actor:
+            # the actor's own log-probs; with one step per rollout the update's forward gives them (no extra one)
+            old_logp = frozen_logprobs(loop.model, ro, chunks, args, ctx) if S > 1 else None
+        else:
+            old_logp = frozen_logprobs(old_actor, ro, chunks, args, ctx)
+        ref_logp = frozen_logprobs(ref_model, ro, chunks, args, ctx) if ref_model is not None else None
+        old_values = rollout_forward(lambda sub: critic_model(sub.input_ids, sub.attention_mask,
+                                                              sub.prompt_len)[0], ro, chunks, ctx)
+        advantages, returns = gae(old_values, rewards, mask, args.gamma, args.lam)
+        adv_mean = masked_mean(advantages, mask)
+        adv_std = masked_mean((advantages - adv_mean) ** 2, mask).sqrt()
+        advantages = center(advantages, mask)
 
-        # one function, one precision for all three policies: equal weights give ratio 1 and KL 0 exactly
-        T = args.temperature
-        with ctx.autocast():
-            logp, actor_aux = completion_logprobs(loop.model, ro, temperature=T)
-            with torch.no_grad():
-                ref_logp, _ = completion_logprobs(ref_model, ro, temperature=T)
-                # right after a sync (and for the rest of that optimizer step) the old actor IS the actor: its
-                # forward would repeat the actor's number for number, so reuse it (every step with
-                # --update_old_actor_freq 1, one in N otherwise)
-                old_logp = logp.detach() if old_is_actor else completion_logprobs(old_actor, ro, temperature=T)[0]
-            values, critic_aux = critic_model(ro.input_ids, ro.attention_mask, ro.prompt_len)
+        def loss_fn(rows, iteration):
+            sub = ro.select(rows)
+            R, r = sub.completion_ids.shape[1], rows.to(mask.device)
+            with ctx.autocast():
+                logp, actor_aux = completion_logprobs(loop.model, sub, temperature=args.temperature)
+                values, critic_aux = critic_model(sub.input_ids, sub.attention_mask, sub.prompt_len)
+            loss, stats = ppo_losses(logp, old_logp[r, :R] if old_logp is not None else logp.detach(),
+                                     ref_logp[r, :R] if ref_logp is not None else None, advantages[r, :R], values,
+                                     returns[r, :R], mask[r, :R], clip_epsilon=args.clip_epsilon,
+                                     vf_coef=args.vf_coef, kl_coef=args.kl_coef, old_values=old_values[r, :R],
+                                     cliprange_value=args.cliprange_value)
+            return loss, dict(stats, aux=actor_aux + critic_aux, num_tokens=sub.num_tokens)
 
-        with torch.no_grad():
-            advantages, returns = gae(values.detach(), rewards, mask, args.gamma, args.lam)
-            adv_mean = masked_mean(advantages, mask)
-            adv_std = masked_mean((advantages - adv_mean) ** 2, mask).sqrt()
-            advantages = center(advantages, mask)
-        loss, stats = ppo_losses(logp, old_logp, ref_logp, advantages, values, returns,
-                                 mask, clip_epsilon=args.clip_epsilon, vf_coef=args.vf_coef, kl_coef=args.kl_coef)
-        aux_loss = actor_aux + critic_aux
-        loop.backward(loss + aux_loss, num_tokens=ro.num_tokens, **stats, aux_loss=aux_loss,
-                      reward=rewards.mean(), reward_std=rewards.std(unbiased=False), **reward_stats,
-                      advantage_mean=adv_mean, advantage_std=adv_std, value_mean=masked_mean(values.detach(), mask),
-                      return_mean=masked_mean(returns, mask), completion_len=mask.sum(dim=1).mean())
+        loop.update(loss_fn, len(ro.completions), row_units=mask.sum(dim=1), stop_kl=args.early_stop_kl,
+                    metrics=dict(rl_metrics(b), advantage_mean=adv_mean, advantage_std=adv_std,
+                                 value_mean=masked_mean(old_values, mask), return_mean=masked_mean(returns, mask)))
     loop.finish()
 
 

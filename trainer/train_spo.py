@@ -13,7 +13,11 @@ more the policy moved since the last update, the faster the old evidence fades).
     A = r - (lo + p_hat * (hi - lo)),    p_hat = alpha / (alpha + beta) taken BEFORE this batch's update,
 where [lo, hi] is the scorer's actual reward range, so the normalised reward (r - lo)/(hi - lo) that updates the
 tracker stays in [0, 1] (the reference divided by a fixed 3 and could exceed 1: §7 item 31). |A| <= hi - lo, so no
-clipping is needed. The loss is GRPO's per-token surrogate with the k3 KL (trainer/rl_utils.policy_kl_loss).
+clipping is needed. The loss is GRPO's family (trainer/rl_objectives.py: --loss_type, --epsilon, --epsilon_high,
+--importance_sampling_level, --mask_truncated_completions), with the k3 KL (--beta; 0 builds no reference model).
+A rollout batch is --batch_size x --accumulation_steps prompts, one sample each, generated in one call; it takes
+--num_iterations x mini-batch (--mini_batch_size) optimizer steps against the rollout's log-probs (pi_old). The
+tracker is updated once per rollout batch, after its advantages were taken.
 
 The baseline is one global value (the reference's simplification), not the paper's per-prompt tracker: with
 datasets of mixed difficulty it is a coarser baseline. Its state is all-reduced across ranks (identical everywhere)
@@ -29,11 +33,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from dataset.lm_dataset import collate_rl  # noqa: E402
-from trainer.rl_utils import (RewardScorer, add_rl_args, check_reward_source, check_rl_args,  # noqa: E402
-                              frozen_copy, load_rl_dataset, masked_mean, policy_kl_loss, rl_from_weight, rl_metrics,
-                              sample_score_logprobs)
-from trainer.trainer_utils import (TrainLoop, UserError, build_optimizer, build_parser, init_model,  # noqa: E402
-                                   init_run, model_config_from_args, parse_args, run_main)
+from trainer.answer_eval import PeriodicEval, add_eval_args  # noqa: E402
+from trainer.rl_utils import (RewardScorer, add_policy_args, add_rl_args, check_policy_args,  # noqa: E402
+                              check_reward_source, check_rl_args, describe_objective,
+                              load_rl_dataset, masked_mean, policy_updates, reference_policy, rl_from_weight,
+                              rl_metrics, sample_and_score)
+from trainer.trainer_utils import (Logger, RolloutUpdates, TrainLoop, UserError, build_optimizer,  # noqa: E402
+                                   build_parser, init_model, init_run, model_config_from_args, parse_args, run_main)
 
 
 class AutoAdaptiveValueTracker:
@@ -114,6 +120,8 @@ def main():
                           accumulation_steps=4, log_interval=1, save_interval=10, max_seq_len=66,
                           data_path="dataset/rlaif-mini.jsonl", from_weight="auto", wandb_project="MiniMind-SPO")
     add_rl_args(parser)
+    add_policy_args(parser)
+    add_eval_args(parser)
     parser.add_argument("--rho_mode", type=str, default="kl", choices=["kl", "constant"],
                         help="基线遗忘因子 rho: kl=按策略变化自适应, constant=固定 / forgetting factor of the baseline")
     parser.add_argument("--rho_const", type=float, default=0.9, help="constant 模式 (及首步) 的 rho / rho when constant")
@@ -123,6 +131,7 @@ def main():
     parser.add_argument("--clip_upper", type=float, default=0.96, help="rho 上界 / upper bound of rho")
     args = parse_args(parser)
     check_rl_args(args)
+    check_policy_args(args)
     if not 0 < args.clip_lower <= args.clip_upper < 1 or not 0 < args.rho_const < 1 or not args.D_half > 0 \
             or not math.isfinite(args.D_half):
         raise UserError("need 0 < --clip_lower <= --clip_upper < 1, 0 < --rho_const < 1 and --D_half > 0")
@@ -131,7 +140,7 @@ def main():
     # ---------------------------------------------------------------- policy, reference, data, rewards, tracker
     config = model_config_from_args(args)
     model, tokenizer = init_model(config, rl_from_weight(args), args.tokenizer_path, args.save_dir, ctx.device)
-    ref_model = frozen_copy(model)
+    ref_model = reference_policy(model, args.beta)
     dataset = load_rl_dataset(args, tokenizer)
     scorer = RewardScorer(args, tokenizer, ctx.device)
     check_reward_source(scorer, dataset, args.data_path)
@@ -140,18 +149,23 @@ def main():
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_rl,
                      config=config, stage="SPO", tokenizer=tokenizer, resume_objects={"tracker": tracker},
+                     evaluate=PeriodicEval(args, tokenizer, ctx, model),
+                     rollout=RolloutUpdates(args.num_iterations, args.mini_batch_size, 1),
                      run_name=f"MiniMind-SPO-Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
+    Logger(describe_objective(args))
 
     # ---------------------------------------------------------------- train
     for batch in loop:
-        b = sample_score_logprobs(loop, ref_model, tokenizer, scorer, batch, args, ctx, num_return_sequences=1)
+        b = sample_and_score(loop.raw_model, tokenizer, scorer, batch["prompt"], batch["answer"], args, ctx, 1)
         baseline = tracker.baseline()
         advantages = b.rewards - tracker.baseline_reward()
-        policy_loss, kl = policy_kl_loss(b.logps, b.ref_logps, advantages, b.rollout.completion_mask, args.beta)
-        loop.backward(policy_loss + b.aux_loss, num_tokens=b.rollout.num_tokens, baseline=baseline,
-                      **rl_metrics(b, advantages, policy_loss, kl))
-        rho = tracker.update(b.rewards, b.logps, b.rollout.completion_mask)
-        loop.log_metrics(rho=rho, batch_mean_logp=masked_mean(b.logps.detach(), b.rollout.completion_mask))
+        metrics = dict(rl_metrics(b), baseline=baseline, advantage_mean=advantages.mean(),
+                       advantage_std=advantages.std(unbiased=False) if advantages.numel() > 1 else 0.0)
+        logp = policy_updates(loop, b.rollout, advantages, args, ctx, ref_model=ref_model, metrics=metrics)
+        # the tracker's policy-change signal: the rollout policy's mean log-prob (no extra forward)
+        mask = b.rollout.completion_mask
+        rho = tracker.update(b.rewards, logp, mask)
+        loop.log_metrics(rho=rho, batch_mean_logp=masked_mean(logp, mask))
     loop.finish()
 
 

@@ -59,5 +59,5 @@ from trainer.spine.checkpoint import (  # noqa: E402,F401
 )
 from trainer.spine.logs import init_wandb, MetricsFile, NoOpWandb  # noqa: E402,F401
 from trainer.spine.loop import (  # noqa: E402,F401
-    build_optimizer, get_lr, SkipBatchSampler, supervised_tokens, TrainLoop,
+    build_optimizer, get_lr, RolloutUpdates, SkipBatchSampler, supervised_tokens, TrainLoop,
 )

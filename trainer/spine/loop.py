@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -159,6 +160,25 @@ def _mark_dynamic(batch):
     return batch
 
 
+@dataclass
+class RolloutUpdates:
+    """Several optimizer steps per rollout batch (RL): `iterations` passes (GRPO's mu, PPO's update epochs) over
+    the rollout, each split into mini-batches of `mini_batch_size` completions per rank (0: the whole rollout, one
+    step per pass). rows_per_prompt: completions per prompt (GRPO's group size G, else 1)."""
+    iterations: int = 1
+    mini_batch_size: int = 0
+    rows_per_prompt: int = 1
+    iterations_flag: str = "num_iterations"  # named in error messages
+
+
+def _merge_batches(batches: list):
+    """One batch of the window's micro-batches (RL prompt batches: dicts of lists)."""
+    first = batches[0]
+    if not isinstance(first, dict) or not all(isinstance(v, list) for v in first.values()):
+        raise TypeError("rollout windows merge dict-of-list batches (collate_rl) only")
+    return {k: [x for b in batches for x in b[k]] for k in first}
+
+
 class TrainLoop:
     """Iterate training batches and take care of every step mechanic a stage shares.
 
@@ -170,12 +190,17 @@ class TrainLoop:
     weights_path / weights_state: where and what the weights file holds (default: the full model state_dict at
         {save_dir}/{save_weight}_{h}{_moe}.pth); LoRA passes its own.
     resume_objects: extra things with state_dict()/load_state_dict() saved in the resume file (critic, tracker...).
+    evaluate: (opt_step, last) -> dict of held-out metrics or None, called after each optimizer step; a dict is
+        logged with that step's row (trainer/answer_eval.py's PeriodicEval, --eval_interval). RL stages: after
+        each rollout batch (several steps may pass between calls).
+    rollout: RolloutUpdates for RL stages: iteration yields one prompt batch per accumulation window and the stage
+        calls update() with its rollout, which takes iterations x mini-batches optimizer steps (see update).
     """
 
     def __init__(self, args, ctx: RunContext, *, model, optimizer, dataset, collate_fn, config: MiniMindConfig,
                  stage: str, tokenizer=None, weights_path: str | None = None, weights_state=None,
                  resume_objects: dict | None = None, run_name: str | None = None, checkpoint_name: str | None = None,
-                 count_units=supervised_tokens):
+                 count_units=supervised_tokens, evaluate=None, rollout: RolloutUpdates | None = None):
         self.args, self.ctx, self.config, self.stage = args, ctx, config, stage
         self.raw_model = model
         # named optimizers ({"actor": a, "critic": c}) get their own clipping and grad-norm metric
@@ -189,9 +214,13 @@ class TrainLoop:
                                                         config.use_moe)
         self.weights_state = weights_state or (lambda m: m.state_dict())
         self.resume_objects = resume_objects or {}
+        self.evaluate = evaluate
         self.resume_path = resume_path(args.checkpoint_dir, self.weight_name, config)
         metrics_path = self.resume_path.replace("_resume.pth", "_metrics.jsonl")
         self.accum = args.accumulation_steps
+        self._pin = ctx.device.type == "cuda"
+        self.rollout = rollout
+        self.steps_per_rollout = self._plan_rollout_updates(rollout) if rollout is not None else 1
         if len(dataset) == 0:
             raise UserError(f"the training data {getattr(args, 'data_path', '')} has no samples (empty file or only "
                             "blank lines): nothing to train on; pass a --data_path with data")
@@ -234,7 +263,7 @@ class TrainLoop:
             skip = self.skip_samples if epoch == self.start_epoch else 0
             batches = len(SkipBatchSampler(len(dataset), args.batch_size, world_size=ctx.world_size,
                                            skip_samples=skip))
-            steps_left += math.ceil(batches / self.accum)
+            steps_left += math.ceil(batches / self.accum) * self.steps_per_rollout
         natural_total = self.opt_step + steps_left
         self.total_steps = min(natural_total, args.max_steps) if args.max_steps else natural_total
         # --max_steps that ends the run early also ends the cosine there; otherwise the cosine follows samples
@@ -279,6 +308,32 @@ class TrainLoop:
                f"{self.ctx.world_size} process(es)){tokens}; a progress line every {args.log_interval} steps, a "
                f"save every {args.save_interval} steps and at the end")
         Logger(f"plan: weights -> {self.weights_path}; resume file -> {self.resume_path}; metrics -> {metrics_path}")
+
+    def _plan_rollout_updates(self, plan: RolloutUpdates) -> int:
+        """Mini-batches and chunks of a rollout batch; returns the optimizer steps per rollout batch."""
+        args = self.args
+        rows = self.accum * args.batch_size * plan.rows_per_prompt  # completions of a full window on this rank
+        if plan.iterations < 1:
+            raise UserError(f"--{plan.iterations_flag} {plan.iterations} must be >= 1")
+        if plan.mini_batch_size < 0 or plan.mini_batch_size > rows:
+            raise UserError(f"--mini_batch_size {plan.mini_batch_size} must be between 0 (the whole rollout batch) "
+                            f"and the {rows} completions of a rollout batch per rank (--batch_size {args.batch_size}"
+                            f" x --accumulation_steps {self.accum} x {plan.rows_per_prompt} per prompt)")
+        self.rollout_mini_batches = math.ceil(rows / plan.mini_batch_size) if plan.mini_batch_size else 1
+        # chunks of one micro-batch's completions: the forward memory stays that of --batch_size
+        self.rollout_chunk_rows = args.batch_size * plan.rows_per_prompt
+        steps = plan.iterations * self.rollout_mini_batches
+        if args.max_steps and args.max_steps % steps:
+            raise UserError(f"--max_steps {args.max_steps} must be a multiple of the {steps} optimizer steps per "
+                            f"rollout batch (--{plan.iterations_flag} {plan.iterations} x "
+                            f"{self.rollout_mini_batches} mini-batch(es)), so every run ends at a rollout boundary "
+                            f"and resumes exactly: e.g. {args.max_steps // steps * steps or steps} or "
+                            f"{(args.max_steps // steps + 1) * steps}")
+        if steps > 1 and self.ctx.is_main:
+            Logger(f"{steps} optimizer steps per rollout batch: {plan.iterations} pass(es) x "
+                   f"{self.rollout_mini_batches} mini-batch(es) of ~{math.ceil(rows / self.rollout_mini_batches)} "
+                   f"completions per rank; the rollout's log-probs are pi_old")
+        return steps
 
     def _grouping(self, args, dataset) -> dict:
         """The sampler's length grouping for --group_by_length: blocks of batch_size samples; with --pack 1 they
@@ -352,72 +407,17 @@ class TrainLoop:
 
     # -- iteration
     def __iter__(self):
-        args, ctx = self.args, self.ctx
+        """Supervised stages: each micro-batch of an accumulation window (call backward once per batch), then one
+        optimizer step. RL stages (rollout=RolloutUpdates(...)): the window's prompts as one batch; the stage rolls
+        them out and calls update(), which runs that rollout's optimizer steps."""
         self._t0 = self._t_last = time.time()
         self._steps_run = 0
-        pin = ctx.device.type == "cuda"
-        signals = StopSignals(f"[rank {ctx.rank}] " if ctx.ddp else "")
+        signals = StopSignals(f"[rank {self.ctx.rank}] " if self.ctx.ddp else "")
         signals.install()
         try:
-            for epoch in range(self.start_epoch, args.epochs):
-                skip = self.skip_samples if epoch == self.start_epoch else 0
-                self._epoch_order = self.resumed_order if skip and self.resumed_order is not None else self.order
-                sampler = SkipBatchSampler(len(self.dataset), args.batch_size, epoch=epoch, seed=args.seed,
-                                           rank=ctx.rank, world_size=ctx.world_size, skip_samples=skip,
-                                           lengths=self.dataset.lengths if self._epoch_order["group_size"] else None,
-                                           **self._epoch_order)
-                loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
-                                    num_workers=args.num_workers, pin_memory=pin, persistent_workers=False,
-                                    worker_init_fn=ignore_stop_signals_in_worker if args.num_workers else None)
-                batches, n, i = track_data_workers(iter(loader)), len(sampler), 0
-                self.epoch = epoch
-                done_before = self.iters_per_epoch - n  # micro-steps of this epoch run before a resume
-                while i < n:
-                    # the whole accumulation window first: its unit count is known before any backward
-                    window = [next(batches) for _ in range(min(self.accum, n - i))]
-                    units = [self.count_units(b) for b in window]
-                    counted = all(u is not None for u in units)
-                    total, stop = self._agree(sum(units) if counted else 0.0, signals.received)
-                    if stop is not None:
-                        self._stop(epoch, sampler.samples_after(i), stop)
-                    self._set_lr(epoch * len(self.dataset) + sampler.samples_after(i))
-                    self._window, self._units_total = len(window), (total if counted else None)
-                    if counted and total == 0:  # no supervised token anywhere in this step: nothing to learn
-                        self.empty_windows += 1
-                        self.global_step += len(window)
-                    else:
-                        for k, batch in enumerate(window):
-                            self.step = done_before + i + k + 1  # 1-indexed micro-step within the epoch
-                            self.units = units[k]
-                            self._note_batch(batch)
-                            self._backward_called = False
-                            with contextlib.ExitStack() as stack:
-                                if k < len(window) - 1:  # gradients are all-reduced once, on the window's last
-                                    for m in self._wrapped:
-                                        if isinstance(m, DistributedDataParallel):
-                                            stack.enter_context(m.no_sync())
-                                batch = _to_device(batch, ctx.device, pin)
-                                yield _mark_dynamic(batch) if self._compile else batch
-                            if not self._backward_called:
-                                raise RuntimeError("TrainLoop: call loop.backward(loss) once per batch")
-                            self.global_step += 1
-                        self._optimizer_step()
-                    i += len(window)
-                    self.opt_step += 1
-                    self._steps_run += 1
-                    epoch_done = i == n
-                    last = (epoch_done and epoch == args.epochs - 1) or self.opt_step >= self.total_steps
-                    if self.opt_step % args.log_interval == 0 or epoch_done or last:
-                        self._log(epoch * len(self.dataset) + sampler.samples_after(i))
-                    elif self._steps_run == 1:  # the first step is shown at once, whatever --log_interval
-                        self._log(epoch * len(self.dataset) + sampler.samples_after(i), record=False)
-                    if self.opt_step % args.save_interval == 0 or epoch_done or last:
-                        self.save(epoch + 1 if epoch_done else epoch, 0 if epoch_done else sampler.samples_after(i))
-                    if self.opt_step >= self.total_steps:
-                        if args.max_steps and self.opt_step >= args.max_steps:
-                            Logger(f"reached --max_steps {args.max_steps}; stopping")
-                        break
-                if self.opt_step >= self.total_steps:
+            for epoch in range(self.start_epoch, self.args.epochs):
+                finished = yield from self._run_epoch(epoch, signals)
+                if finished:
                     break
                 self.skip_samples = 0
         finally:
@@ -425,9 +425,191 @@ class TrainLoop:
             end_data_workers()  # an error (or a stop) leaves this epoch's workers alive
         if self.updates == 0:  # e.g. every window empty; a diverged run has raised already
             why = (f"all {self.empty_windows} steps had no supervised token (is --max_seq_len "
-                   f"{getattr(args, 'max_seq_len', '?')} cutting every answer?)" if self.empty_windows
+                   f"{getattr(self.args, 'max_seq_len', '?')} cutting every answer?)" if self.empty_windows
                    else "no step was run")
             raise UserError(f"the run trained nothing: {why}; no file was written")
+
+    def _epoch_loader(self, epoch: int):
+        """The epoch's sampler (resumed position and grouping included) and an iterator over its batches."""
+        args, ctx = self.args, self.ctx
+        skip = self.skip_samples if epoch == self.start_epoch else 0
+        self._epoch_order = self.resumed_order if skip and self.resumed_order is not None else self.order
+        sampler = SkipBatchSampler(len(self.dataset), args.batch_size, epoch=epoch, seed=args.seed,
+                                   rank=ctx.rank, world_size=ctx.world_size, skip_samples=skip,
+                                   lengths=self.dataset.lengths if self._epoch_order["group_size"] else None,
+                                   **self._epoch_order)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+                            num_workers=args.num_workers, pin_memory=self._pin, persistent_workers=False,
+                            worker_init_fn=ignore_stop_signals_in_worker if args.num_workers else None)
+        return sampler, track_data_workers(iter(loader))
+
+    def _run_epoch(self, epoch: int, signals):
+        """One epoch, window by window; returns True when the run is over (--max_steps)."""
+        sampler, batches = self._epoch_loader(epoch)
+        n, i = len(sampler), 0
+        self.epoch = epoch
+        done_before = self.iters_per_epoch - n  # micro-steps of this epoch run before a resume
+        while i < n:
+            # the whole accumulation window first: its unit count is known before any backward
+            window = [next(batches) for _ in range(min(self.accum, n - i))]
+            samples = epoch * len(self.dataset)
+            steps_before = self.opt_step
+            if self.rollout is None:
+                yield from self._window_step(window, epoch, sampler, i, done_before, signals)
+            else:
+                yield from self._rollout_window(window, epoch, sampler, i, signals)
+            i += len(window)
+            if self._step_boundary(epoch, sampler, i, n, steps_before, samples + sampler.samples_after(i)):
+                return True
+        return False
+
+    def _window_step(self, window, epoch: int, sampler, i: int, done_before: int, signals):
+        """Yield the window's micro-batches (backward on each), then take its optimizer step."""
+        units = [self.count_units(b) for b in window]
+        counted = all(u is not None for u in units)
+        total, stop = self._agree(sum(units) if counted else 0.0, signals.received)
+        if stop is not None:
+            self._stop(epoch, sampler.samples_after(i), stop)
+        self._set_lr(epoch * len(self.dataset) + sampler.samples_after(i))
+        self._window, self._units_total = len(window), (total if counted else None)
+        if counted and total == 0:  # no supervised token anywhere in this step: nothing to learn
+            self.empty_windows += 1
+            self.global_step += len(window)
+        else:
+            for k, batch in enumerate(window):
+                self.step = done_before + i + k + 1  # 1-indexed micro-step within the epoch
+                self.units = units[k]
+                self._note_batch(batch)
+                self._backward_called = False
+                with self._no_sync(k < len(window) - 1):  # gradients are all-reduced once, on the window's last
+                    batch = _to_device(batch, self.ctx.device, self._pin)
+                    yield _mark_dynamic(batch) if self._compile else batch
+                if not self._backward_called:
+                    raise RuntimeError("TrainLoop: call loop.backward(loss) once per batch")
+                self.global_step += 1
+            self._optimizer_step()
+        self.opt_step += 1
+        self._steps_run += 1
+
+    def _step_boundary(self, epoch: int, sampler, i: int, n: int, steps_before: int, samples_done: int) -> bool:
+        """After a window (supervised) or a rollout batch (RL): evaluate, log, save; True when the run is over."""
+        args = self.args
+        epoch_done = i == n
+        last = (epoch_done and epoch == args.epochs - 1) or self.opt_step >= self.total_steps
+        evals = self.evaluate(self.opt_step, last) if self.evaluate else None
+        if self.opt_step % args.log_interval == 0 or epoch_done or last or evals:
+            self._log(samples_done, evals)
+        elif steps_before == self._start_opt_step:  # the run's first step is shown at once, whatever --log_interval
+            self._log(samples_done, record=False)
+        # every multiple of --save_interval passed in this window or rollout batch (one per step when supervised)
+        if self.opt_step // args.save_interval > steps_before // args.save_interval or epoch_done or last:
+            self.save(epoch + 1 if epoch_done else epoch, 0 if epoch_done else sampler.samples_after(i))
+        if self.opt_step >= self.total_steps:
+            if args.max_steps and self.opt_step >= args.max_steps:
+                Logger(f"reached --max_steps {args.max_steps}; stopping")
+            return True
+        return False
+
+    def _no_sync(self, active: bool):
+        """DDP's no_sync on every wrapped module while `active` (accumulation micro-steps before the last)."""
+        stack = contextlib.ExitStack()
+        if active:
+            for m in self._wrapped:
+                if isinstance(m, DistributedDataParallel):
+                    stack.enter_context(m.no_sync())
+        return stack
+
+    # -- several optimizer steps per rollout batch (RL)
+    def _rollout_window(self, window, epoch: int, sampler, i: int, signals):
+        """Yield the window's prompts as one rollout batch; the stage's update() call runs its optimizer steps.
+        Stop signals are honoured here, at rollout boundaries only, so a resume file never falls inside a rollout
+        batch; sampling is seeded by (seed, micro-step, rank), so a resumed run draws the same rollouts."""
+        _, stop = self._agree(0.0, signals.received)
+        if stop is not None:
+            self._stop(epoch, sampler.samples_after(i), stop)
+        start = epoch * len(self.dataset)
+        self._rollout_span = (start + sampler.samples_after(i), start + sampler.samples_after(i + len(window)))
+        torch.manual_seed(self.args.seed + 100_003 * self.global_step + self.ctx.rank)
+        self._updated = False
+        batch = window[0] if len(window) == 1 else _merge_batches(window)
+        yield _to_device(batch, self.ctx.device, self._pin)
+        if not self._updated:
+            raise RuntimeError("TrainLoop: call loop.update(...) once per rollout batch")
+        self.global_step += len(window)
+
+    def update(self, loss_fn, num_rows: int, *, row_units: torch.Tensor | None = None, metrics: dict | None = None,
+               stop_kl: float = 0.0) -> None:
+        """The optimizer steps of one rollout batch of `num_rows` completions (rows) on this rank: `iterations`
+        passes over it, each split into the same mini-batches (contiguous rows), one optimizer step per mini-batch,
+        its rows forwarded in chunks of at most `chunk_rows` (gradient accumulation, DDP-synced once per step).
+
+        loss_fn(rows, iteration) -> (loss, stats): rows a LongTensor of row indices; loss the mean over those rows'
+            units (row_units, default 1 per row; e.g. active tokens for a token-level mean) so that the step's
+            gradient is the mean over every unit of the mini-batch on all ranks. stats: detached metrics to log;
+            "aux" (an extra per-chunk loss term such as the MoE balance loss) and "num_tokens" are taken out.
+        metrics: rollout-level metrics (reward...), logged with every optimizer step of this rollout.
+        stop_kl > 0: KL early stop (PPO): when a step's mean approx_kl (to pi_old, over all ranks) exceeds it, that
+            step's update and the rest of this rollout's steps are skipped (counted as steps; logged as kl_stop).
+        The LR follows progress through the rollout's samples, so the schedule is the same for any mu x mini-batch
+        split; a step whose rows are all empty (no units anywhere) is counted but takes no update.
+        """
+        if self.rollout is None:
+            raise RuntimeError("TrainLoop.update needs TrainLoop(..., rollout=RolloutUpdates(...))")
+        if self._updated:
+            raise RuntimeError("TrainLoop: loop.update(...) once per rollout batch")
+        self._updated = True
+        units = row_units.double().cpu() if row_units is not None else torch.ones(num_rows, dtype=torch.float64)
+        parts = torch.arange(num_rows).tensor_split(self.rollout_mini_batches)
+        first, end = self._rollout_span
+        stopped, k = False, 0
+        for iteration in range(self.rollout.iterations):
+            for rows in parts:
+                k += 1
+                self._set_lr(first + (end - first) * (k - 1) / self.steps_per_rollout)
+                if metrics:
+                    self.log_metrics(**metrics)
+                if not stopped:
+                    stopped = self._rollout_step(loss_fn, rows, units, iteration, stop_kl)
+                if stopped:
+                    self.log_metrics(kl_stop=1.0)
+                self.opt_step += 1
+                self._steps_run += 1
+                if k < self.steps_per_rollout and self.opt_step % self.args.log_interval == 0:
+                    self._log(int(first + (end - first) * k / self.steps_per_rollout))
+
+    def rollout_chunks(self, num_rows: int) -> list:
+        """The row chunks of one pass over a rollout batch, in the order and split update() forwards them (so a
+        stage can compute pi_old / reference log-probs on exactly the same batches)."""
+        parts = torch.arange(num_rows).tensor_split(self.rollout_mini_batches)
+        return [c for rows in parts for c in rows.split(self.rollout_chunk_rows)]
+
+    def _rollout_step(self, loss_fn, rows: torch.Tensor, units: torch.Tensor, iteration: int, stop_kl: float) -> bool:
+        """One optimizer step on a mini-batch of rows; True when the KL early stop skipped it."""
+        local = float(units[rows].sum()) if len(rows) else 0.0
+        total, _ = self._agree(local, None)
+        if total == 0:
+            self.empty_windows += 1
+            return False
+        chunks = rows.split(self.rollout_chunk_rows)
+        self._window, self._units_total = len(chunks), total
+        kl = []
+        for c, idx in enumerate(chunks):
+            with self._no_sync(c < len(chunks) - 1):
+                loss, stats = loss_fn(idx, iteration)
+                aux, tokens = stats.pop("aux", None), stats.pop("num_tokens", 0)
+                kl.append(stats.get("approx_kl", 0.0))
+                self.backward(loss, units=float(units[idx].sum()), num_tokens=tokens, aux=aux, **stats)
+        if stop_kl > 0:
+            mean_kl = torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in kl]).mean().to(self.ctx.device)
+            if self.ctx.ddp:
+                dist.all_reduce(mean_kl)
+                mean_kl /= self.ctx.world_size
+            if float(mean_kl) > stop_kl:
+                for opt in self.optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                return True
+        self._optimizer_step()
+        return False
 
     def _agree(self, local_units: float, received: int | None):
         """One all-reduce per optimizer step: the global unit count and whether any rank got a stop signal."""
@@ -498,17 +680,17 @@ class TrainLoop:
             metrics["aux_loss"] = aux
         self.scaler.scale(total).backward()
         self.log_metrics(loss=loss if aux is None else loss + aux.detach(), **metrics)
-        self._count += 1
         self._tokens += int(num_tokens if num_tokens is not None else self._batch_tokens)
 
     def log_metrics(self, **metrics) -> None:
-        """Add per-micro-step metrics (averaged over the steps since the last log). Tensors stay on the device
-        until the log step, so logging forces no GPU sync per step."""
+        """Add per-micro-step metrics (each averaged over the calls that gave it since the last log). Tensors stay
+        on the device until the log step, so logging forces no GPU sync per step."""
         for k, v in metrics.items():
             if v is None:
                 continue
             v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
             self._sums[k] = self._sums.get(k, 0.0) + v
+            self._counts[k] = self._counts.get(k, 0) + 1
 
     def _optimizer_step(self) -> None:
         """Clip, check, step. The gradient norm is computed even without clipping: after DDP's all-reduce it is the
@@ -561,21 +743,23 @@ class TrainLoop:
         return next(iter(self.optimizers.values())).param_groups[0]["lr"]
 
     def _reset_log(self) -> None:
-        self._sums, self._count, self._tokens, self._grad_norms = {}, 0, 0, {}
+        self._sums, self._counts, self._tokens, self._grad_norms = {}, {}, 0, {}
         self._real, self._numel = 0, 0
 
-    def _log(self, samples_done: int, record: bool = True) -> None:
+    def _log(self, samples_done: int, evals: dict | None = None, record: bool = True) -> None:
         """The progress line (rank 0), and with `record` a metrics row to wandb and the JSONL; the averages restart.
         Without `record` (the first step of a run between log steps) the line is only printed: the metrics keep one
         row per --log_interval steps."""
         keys = sorted(self._sums)
-        local = [float(self._sums[k]) for k in keys] + [self._count, self._tokens, self._real, self._numel]
+        local = [float(self._sums[k]) for k in keys] + [self._counts[k] for k in keys] + \
+            [self._tokens, self._real, self._numel]
         if self.ctx.ddp:  # sums over ranks in one collective; every rank logs the same keys
             t = torch.tensor(local, dtype=torch.float64, device=self.ctx.device)
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             local = t.tolist()
-        count, tokens, real, numel = local[-4:]
-        row = {k: v / max(count, 1) for k, v in zip(keys, local[:len(keys)])}
+        tokens, real, numel = local[-3:]
+        n = len(keys)
+        row = {k: v / max(c, 1) for k, v, c in zip(keys, local[:n], local[n:2 * n])}
         row.update({k: float(v) for k, v in self._grad_norms.items()})  # the last step's norm, not a mean
         now = time.time()
         eta_min = (now - self._t0) / max(self._steps_run, 1) * (self.total_steps - self.opt_step) / 60
@@ -584,6 +768,7 @@ class TrainLoop:
         row.setdefault("lr", self._lr())
         if numel:
             row["real_tokens"] = real / numel
+        row.update(evals or {})  # held-out metrics of this step (--eval_interval), already summed over ranks
         row.update(epoch=self.epoch + 1, global_step=self.opt_step, micro_step=self.global_step,
                    samples=samples_done, skipped_steps=self.bad_steps, empty_steps=self.empty_windows,
                    eta_min=eta_min, tokens_per_s=tokens / max(now - self._t_last, 1e-9))
@@ -591,7 +776,7 @@ class TrainLoop:
             self._t_last = now
         if self.ctx.is_main:
             mem = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GB" if self.ctx.device.type == "cuda" else ""
-            parts = " ".join(f"{k} {row[k]:.4f}" for k in keys + sorted(self._grad_norms))
+            parts = " ".join(f"{k} {row[k]:.4f}" for k in keys + sorted(self._grad_norms) + sorted(evals or {}))
             real_part = f" | real {row['real_tokens']:.0%}" if numel else ""
             bad = f" | skipped {self.bad_steps}" if self.bad_steps else ""
             print(f"Epoch [{self.epoch + 1}/{self.args.epochs}] step {self.opt_step}/{self.total_steps} | {parts} "
