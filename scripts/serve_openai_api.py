@@ -37,13 +37,14 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse  # n
 from fastapi.staticfiles import StaticFiles  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
+from model.chat_format import ROLES as CHAT_ROLES  # noqa: E402
 from trainer.chat_utils import (SAMPLING_RULES, ChatStream, GenerationError, ReplyParser, add_device_arg,  # noqa: E402
                                 add_model_args, build_prompt, context_length, load_model, place_model,
                                 precision_name)
 from trainer.trainer_utils import UserError, run_main  # noqa: E402
 
 WEB = ROOT / "scripts" / "web"
-ROLES = {"system", "developer", "user", "assistant", "tool"}
+ROLES = CHAT_ROLES | {"developer"}  # OpenAI's newer name for system, mapped to it in parse_request
 
 
 class ApiError(Exception):
