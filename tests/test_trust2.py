@@ -237,3 +237,48 @@ def test_raising_max_steps_on_resume_says_the_lr_schedule_changes(tmp_path, caps
     assert "lr goes from 2.318e-04 (step 4) to 5.500e-04 (step 5)" in out
     code, out, _ = run_inprocess(PRE, *args, "--max_steps", "9", "--from_resume", "1", capsys=capsys)
     assert code == 0 and "--max_steps 8 -> 9" in out
+
+
+# ------------------------------------------------------------------------------------------------ one huge record
+
+class CountingTokenizer:
+    """The real tokenizer, recording the longest text it was asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.longest = tokenizer, 0
+
+    def __call__(self, text, *a, **k):
+        self.longest = max(self.longest, len(text))
+        return self.tok(text, *a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_one_huge_record_is_cut_by_characters_before_tokenizing_and_gives_the_same_tokens(tmp_path):
+    from dataset.lm_dataset import PretrainDataset, RLAIFDataset, SFTDataset
+    from trainer.rl_utils import fit_prompt
+    from trainer.trainer_utils import load_tokenizer, root_path
+    tok = CountingTokenizer(load_tokenizer(root_path("model")))
+    huge = "长文本 long text, 第二句。" * 8000 + " the end"  # 168k characters, tokens of a few characters each
+    (tmp_path / "pre.jsonl").write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": huge}) + "\n")
+    conv = [{"role": "user", "content": huge}, {"role": "assistant", "content": "ok"}]
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"conversations": conv}, ensure_ascii=False) + "\n")
+    for cls, path in ((PretrainDataset, "pre.jsonl"), (SFTDataset, "sft.jsonl")):
+        ds = cls(tmp_path / path, tok, max_length=64, target_sample=0)
+        tok.longest = 0
+        cut = ds[len(ds) - 1]
+        assert 0 < tok.longest <= ds.max_chars + 100 < len(huge) // 5  # (+100: the chat markup)
+        ds.max_chars = 10 ** 9  # nothing cut: the whole record tokenized
+        whole = ds[len(ds) - 1]
+        assert torch.equal(cut["input_ids"], whole["input_ids"]) and torch.equal(cut["labels"], whole["labels"])
+        assert len(cut["input_ids"]) == 64
+
+    # RL prompts keep their head and tail: the fitted prompt is the one the whole record gives
+    rl = [{"role": "user", "content": huge}, {"role": "assistant", "content": "42"}]
+    (tmp_path / "rl.jsonl").write_text(json.dumps({"conversations": rl}, ensure_ascii=False) + "\n")
+    ds = RLAIFDataset(tmp_path / "rl.jsonl", tok.tok, max_length=64, target_sample=0)
+    cut = ds[0]
+    assert len(cut["prompt"]) < 2 * ds.max_chars + 100 and cut["answer"] == "42"
+    ds.max_chars = 10 ** 9
+    assert fit_prompt(tok.tok, cut["prompt"], 64) == fit_prompt(tok.tok, ds[0]["prompt"], 64)
