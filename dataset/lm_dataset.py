@@ -94,6 +94,13 @@ DATA_HELP = ("The real datasets are MiniMind's (ModelScope gongjy/minimind_datas
              "in the same formats are in dataset/demo/ (pretrain, sft, dpo, reason, rlaif, lora_identity .jsonl).")
 
 
+# Leading bytes of compressed files someone may name .jsonl: (what it is, the command that unpacks it to stdout).
+# Unpacking on the fly is not offered: records are read by byte offset, and a compressed stream cannot seek.
+COMPRESSED = {b"\x1f\x8b": ("gzip-compressed", "gunzip -c"), b"BZh": ("bzip2-compressed", "bunzip2 -c"),
+              b"\xfd7zXZ\x00": ("xz-compressed", "unxz -c"), b"\x28\xb5\x2f\xfd": ("zstd-compressed", "zstd -dc"),
+              b"PK\x03\x04": ("zip archive", "unzip -p")}
+
+
 class DataFormatError(ValueError):
     """A data file or JSONL line that does not match the expected record format."""
 
@@ -136,6 +143,12 @@ class JsonlFile:
             raise DataFormatError(f"{self.path} is a directory, not a JSONL file{hint}; pass the .jsonl file itself")
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"Data file not found: {self.path}\n{DATA_HELP}")
+        with open(self.path, "rb") as f:
+            head = f.read(6)
+        packed = next((kind for magic, kind in COMPRESSED.items() if head.startswith(magic)), None)
+        if packed:
+            raise DataFormatError(f"{self.path} is a {packed[0]} file, not JSONL text (whatever its name says); "
+                                  f"unpack it first, e.g. {packed[1]} {self.path} > unpacked.jsonl, and pass that file")
         self.offsets, self.lengths, bad, n_bad, n_lines = self._scan()
         self.skipped = n_bad
         if n_bad and not skip_bad_lines:

@@ -282,3 +282,61 @@ def test_one_huge_record_is_cut_by_characters_before_tokenizing_and_gives_the_sa
     assert len(cut["prompt"]) < 2 * ds.max_chars + 100 and cut["answer"] == "42"
     ds.max_chars = 10 ** 9
     assert fit_prompt(tok.tok, cut["prompt"], 64) == fit_prompt(tok.tok, ds[0]["prompt"], 64)
+
+
+# ------------------------------------------------------------------------------------------------ files that lie
+
+def test_loaded_weights_are_checked_for_nan_inf_and_dtype(tiny_random, tmp_path, capsys):
+    shutil.copytree(tiny_random / "out", tmp_path / "out")
+    path = tmp_path / "out" / "pretrain_64.pth"
+    good = torch.load(path, weights_only=True)
+    args = [*TINY, *dirs(tmp_path), "--data_path", DEMO / "sft.jsonl", "--max_steps", "1"]
+    key = "model.layers.1.mlp.up_proj.weight"
+    for change, expect in [
+        (lambda t: t.fill_(float("nan")), f"weight file {path}: tensor {key} holds {good[key].numel()} NaN/inf"),
+        (lambda t: t.index_fill_(0, torch.tensor([3, 5]), float("inf")),
+         f"weight file {path}: tensor {key} holds {2 * good[key].shape[1]} NaN/inf value(s)"),
+        (lambda t: t.round().to(torch.int64), f"weight file {path}: tensor {key} has dtype int64, not a float type"),
+    ]:
+        sd = {k: v.clone() for k, v in good.items()}
+        sd[key] = change(sd[key])
+        torch.save(sd, path)
+        code, _, err = run_inprocess(SFT, *args, "--from_weight", "pretrain", capsys=capsys)
+        assert code == 1 and "Traceback" not in err and expect in err, err
+
+
+def test_a_malicious_pickle_is_called_unsafe_not_truncated(tmp_path, capsys):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    (ck / "pretrain_64_resume.pth").write_bytes(pickle.dumps({"model": Evil()}))
+    args = [*TINY, *dirs(tmp_path), "--data_path", DEMO / "pretrain.jsonl", "--max_steps", "1", "--from_resume", "1"]
+    code, _, err = run_inprocess(PRE, *args, capsys=capsys)
+    assert code == 1 and not (tmp_path / "pwned").exists()
+    assert "is not a weights file: it asks the loader to create Python objects" in err and "truncated" not in err
+    assert err.strip().count("\n") == 0, err  # one line: no pickle-protocol warning before it
+
+
+@pytest.mark.parametrize("case", ["symlink_loop", "device_gpu", "gzip_named_jsonl"])
+def test_more_bad_input_is_one_line(case, tmp_path, capsys):
+    import gzip
+    data = DEMO / "pretrain.jsonl"
+    extra = []
+    if case == "symlink_loop":
+        os.symlink(tmp_path / "b.jsonl", tmp_path / "a.jsonl")
+        os.symlink(tmp_path / "a.jsonl", tmp_path / "b.jsonl")
+        data, expect = tmp_path / "a.jsonl", "is a symbolic link that points back to itself"
+    elif case == "device_gpu":
+        extra, expect = ["--device", "gpu"], "--device gpu is not a device name torch knows; pass cpu, cuda"
+    else:
+        data = tmp_path / "pretrain.jsonl"
+        data.write_bytes(gzip.compress((DEMO / "pretrain.jsonl").read_bytes()[:2000]))
+        expect = f"{data} is a gzip-compressed file, not JSONL text (whatever its name says); unpack it first, e.g. " \
+                 f"gunzip -c {data} > unpacked.jsonl"
+    code, _, err = run_inprocess(PRE, *TINY, *dirs(tmp_path), "--data_path", data, "--max_steps", "1", *extra,
+                                 capsys=capsys)
+    assert code == 1 and "Traceback" not in err and expect in err, err

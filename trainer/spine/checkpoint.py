@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 import zipfile
 
 import torch
@@ -84,9 +85,18 @@ def load_torch_file(path: str, what: str, fix: str):
         raise UserError(f"{what} {path} is empty (0 bytes), probably from a crash or a full disk during a save; "
                         f"{fix}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning would print before our one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
             AttributeError, UnicodeDecodeError) as e:
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            # readable, but it asks to build Python objects (functions, classes) that no weights file holds
+            found = re.search(r"(unsupported GLOBAL \S+|Unsupported global: \S+|Unsupported operand \d+)", str(e),
+                              re.I)
+            raise UserError(f"{what} {path} is not a weights file: it asks the loader to create Python objects "
+                            f"({found.group(1) if found else 'not tensors'}), which could run code from the file, so "
+                            f"it was not loaded. Use a file written by this repo's scripts; {fix}") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{what} {path} ({size} bytes) is not a readable PyTorch file: truncated or not a torch.save "
                         f"file ({first[:160]}); {fix}") from None
@@ -221,7 +231,25 @@ def load_weights(model: torch.nn.Module, path: str, config: MiniMindConfig) -> N
     model_sd = model.state_dict()
     if set(sd) != set(model_sd) or any(sd[k].shape != model_sd[k].shape for k in model_sd):
         raise UserError(_diagnose_mismatch(model_sd, sd, path, config))
+    check_weight_values(sd, model_sd, path, "weight file")
     model.load_state_dict(sd, strict=True)
+
+
+def check_weight_values(sd: dict, model_sd: dict, path: str, what: str) -> None:
+    """Refuse weights that would train or answer silently wrong: a non-float tensor where the model has floats
+    (load_state_dict would cast int64 to float, and such a model trains with zero gradient norm), or NaN/inf values
+    (the run would stop as "diverged" with advice to lower the learning rate)."""
+    for k, v in sd.items():
+        want = model_sd.get(k)
+        if want is not None and want.is_floating_point() and not v.is_floating_point():
+            raise UserError(f"{what} {path}: tensor {k} has dtype {str(v.dtype).replace('torch.', '')}, not a "
+                            "float type, so it is not a weights file of this model (weights are float16/bfloat16/"
+                            "float32); use a file written by this repo's scripts or convert_model.py")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            raise UserError(f"{what} {path}: tensor {k} holds {bad} NaN/inf value(s) of {v.numel()}; the file "
+                            "is damaged or comes from a run that diverged. Use an earlier good copy (e.g. the resume "
+                            "file's run, or retrain that stage)")
 
 
 def _missing_weight_message(path: str) -> str:
@@ -328,6 +356,7 @@ def load_trainable_state_dict(model: torch.nn.Module, sd: dict, path: str) -> No
                         f"unexpected {sorted(set(sd) - expected)[:3]}); the architecture flags differ from the run "
                         "that wrote it, or pass --from_resume 0 to start over")
     current = model.state_dict()
+    check_weight_values(sd, current, path, "resume file")
     bad = [k for k in sd if sd[k].shape != current[k].shape]
     if bad:
         raise UserError(f"resume file {path} has other shapes for {bad[:3]} (e.g. {tuple(sd[bad[0]].shape)} vs "
