@@ -101,15 +101,20 @@ def test_data_file_cut_short_while_training_is_one_line_and_the_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_error_on_one_rank_with_workers_ends_torchrun(tmp_path):
+def test_an_error_on_one_rank_with_workers_ends_torchrun_and_is_the_last_thing_shown(tmp_path):
     """Rank 1 fails in the middle of the run with 2 workers alive; rank 0 waits in the step's all-reduce. Both must
-    end (the process group's timeout is set far beyond the test's, so only a prompt exit passes)."""
-    fault = "if loop.opt_step == 2 and loop.ctx.rank == 1: raise RuntimeError('out of memory (simulated)')"
+    end (the process group's timeout is set far beyond the test's, so only a prompt exit passes), the error is
+    printed once, torchrun's closing summary carries it, and no rank prints a traceback or a DDP FutureWarning."""
+    fault = ("if loop.opt_step == 2 and loop.ctx.rank == 1:\n    from trainer.trainer_utils import UserError\n"
+             "    raise UserError('the data of rank 1 broke (simulated)')")
     env = {**script_env(tmp_path), "MINIMIND_DIST_TIMEOUT": "600"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            driver(tmp_path, fault), ROOT / PRE, *pretrain_args(tmp_path)]
     rc, out = run_with_timeout(cmd, tmp_path, timeout=180, env=env)
-    assert rc != 0 and "out of memory (simulated)" in out
+    assert rc != 0 and "broadcast_buffers" not in out and "FutureWarning" not in out
+    assert out.count("Traceback") <= 1 and "File \"" + str(ROOT / "trainer") not in out  # only torchrun's own
+    root_cause = out[out.index("Root Cause"):]
+    assert "[rank 1] error: the data of rank 1 broke (simulated)" in root_cause
 
 
 # ------------------------------------------------------------------------------------------------ a real failed save
