@@ -345,3 +345,13 @@ def test_more_bad_input_is_one_line(case, tmp_path, capsys):
     code, _, err = run_inprocess(PRE, *TINY, *dirs(tmp_path), "--data_path", data, "--max_steps", "1", *extra,
                                  capsys=capsys)
     assert code == 1 and "Traceback" not in err and expect in err, err
+
+
+def test_readme_and_the_missing_data_message_name_the_same_dataset_ids():
+    from dataset.lm_dataset import DATA_HELP
+    for readme in ("README.md", "README_en.md"):
+        text = (ROOT / readme).read_text()
+        for dataset_id in ("gongjy/minimind_dataset", "jingyaogong/minimind_dataset"):
+            assert dataset_id in text and dataset_id in DATA_HELP
+        assert "ModelScope 上的 `gongjy/minimind_dataset`" in text or "`gongjy/minimind_dataset` on ModelScope" in text
+    assert "ModelScope gongjy/minimind_dataset" in DATA_HELP
