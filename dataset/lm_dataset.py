@@ -93,6 +93,13 @@ DATA_HELP = ("The real datasets are MiniMind's (ModelScope gongjy/minimind_datas
              "in the same formats are in dataset/demo/ (pretrain, sft, dpo, reason, rlaif, lora_identity .jsonl).")
 
 
+# Leading bytes of compressed files someone may name .jsonl: (what it is, the command that unpacks it to stdout).
+# Unpacking on the fly is not offered: records are read by byte offset, and a compressed stream cannot seek.
+COMPRESSED = {b"\x1f\x8b": ("gzip-compressed", "gunzip -c"), b"BZh": ("bzip2-compressed", "bunzip2 -c"),
+              b"\xfd7zXZ\x00": ("xz-compressed", "unxz -c"), b"\x28\xb5\x2f\xfd": ("zstd-compressed", "zstd -dc"),
+              b"PK\x03\x04": ("zip archive", "unzip -p")}
+
+
 class DataFormatError(ValueError):
     """A data file or JSONL line that does not match the expected record format."""
 
@@ -135,6 +142,12 @@ class JsonlFile:
             raise DataFormatError(f"{self.path} is a directory, not a JSONL file{hint}; pass the .jsonl file itself")
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"Data file not found: {self.path}\n{DATA_HELP}")
+        with open(self.path, "rb") as f:
+            head = f.read(6)
+        packed = next((kind for magic, kind in COMPRESSED.items() if head.startswith(magic)), None)
+        if packed:
+            raise DataFormatError(f"{self.path} is a {packed[0]} file, not JSONL text (whatever its name says); "
+                                  f"unpack it first, e.g. {packed[1]} {self.path} > unpacked.jsonl, and pass that file")
         self.offsets, self.lengths, bad, n_bad, n_lines = self._scan()
         self.skipped = n_bad
         if n_bad and not skip_bad_lines:
@@ -352,6 +365,37 @@ def num_targets(labels):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Cutting huge records before tokenizing
+
+CUT_SPARE_TOKENS = 16  # tokens' worth of characters kept beyond max_length: a cut changes only the last few tokens
+
+
+def max_chars(tokenizer, max_length):
+    """Characters of one text that can matter for its first max_length tokens, with room to spare: no token covers
+    more characters than its vocabulary string is long (byte-level BPE spells each byte as one character, so a
+    token's string is at least as long as the text it covers). Texts are cut to this before tokenizing, so one 50 MB
+    line costs what a max_length line costs, and the first max_length tokens come out the same (tested)."""
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return (max_length + CUT_SPARE_TOKENS) * max(longest, 1)
+
+
+def cut_text(text, limit, keep_tail=False):
+    if not isinstance(text, str) or len(text) <= limit:
+        return text
+    return text[:limit] + text[-limit:] if keep_tail else text[:limit]
+
+
+def cut_messages(messages, limit, keep_tail=False):
+    """Messages whose content (or reasoning_content) is longer than limit characters, cut (copies; others as is).
+    keep_tail keeps `limit` characters from each end, for prompts whose middle is dropped when they are too long."""
+    if all(len(m.get("content") or "") <= limit and len(m.get("reasoning_content") or "") <= limit
+           for m in messages if isinstance(m, dict)):
+        return messages
+    return [{**m, **{k: cut_text(m[k], limit, keep_tail) for k in ("content", "reasoning_content") if k in m}}
+            if isinstance(m, dict) else m for m in messages]
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Datasets
 
 class JsonlDataset(Dataset):
@@ -369,6 +413,7 @@ class JsonlDataset(Dataset):
         self.file = JsonlFile(path, self.expected, type(self).check, skip_bad_lines)
         self.skipped_lines = self.file.skipped
         self.tokenizer, self.max_length = tokenizer, max_length
+        self.max_chars = max_chars(tokenizer, max_length)
         self.bytes_per_token = BYTES_PER_TOKEN
         self.no_target_sample = self.count_no_target(target_sample)
 
@@ -414,8 +459,9 @@ class JsonlDataset(Dataset):
         return found, len(picks)
 
     def render_messages(self, record, field, drop_last=False):
-        """record[field] rendered with the chat template (minus the last message for prompts)."""
-        messages = record[field]
+        """record[field] rendered with the chat template (minus the last message for prompts). Texts longer than
+        max_chars are cut first (see max_chars); prompts keep their head and tail, as RL's prompt fitting does."""
+        messages = cut_messages(record[field], self.max_chars, keep_tail=drop_last)
         tools = record_tools(record, messages)
         return render(self.tokenizer, messages[:-1] if drop_last else messages, tools, add_generation_prompt=drop_last)
 
@@ -446,7 +492,7 @@ class PretrainDataset(TokenItems, JsonlDataset):
         super().__init__(path, tokenizer, max_length, skip_bad_lines, target_sample)
 
     def make_item(self, record):
-        ids = self.tokenizer(record["text"], add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(record["text"][:self.max_chars], add_special_tokens=False)["input_ids"]
         if ids[:1] != self.bos:
             ids = self.bos + ids
         if ids[-1:] != self.eos:

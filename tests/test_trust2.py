@@ -101,15 +101,20 @@ def test_data_file_cut_short_while_training_is_one_line_and_the_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_error_on_one_rank_with_workers_ends_torchrun(tmp_path):
+def test_an_error_on_one_rank_with_workers_ends_torchrun_and_is_the_last_thing_shown(tmp_path):
     """Rank 1 fails in the middle of the run with 2 workers alive; rank 0 waits in the step's all-reduce. Both must
-    end (the process group's timeout is set far beyond the test's, so only a prompt exit passes)."""
-    fault = "if loop.opt_step == 2 and loop.ctx.rank == 1: raise RuntimeError('out of memory (simulated)')"
+    end (the process group's timeout is set far beyond the test's, so only a prompt exit passes), the error is
+    printed once, torchrun's closing summary carries it, and no rank prints a traceback or a DDP FutureWarning."""
+    fault = ("if loop.opt_step == 2 and loop.ctx.rank == 1:\n    from trainer.trainer_utils import UserError\n"
+             "    raise UserError('the data of rank 1 broke (simulated)')")
     env = {**script_env(tmp_path), "MINIMIND_DIST_TIMEOUT": "600"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            driver(tmp_path, fault), ROOT / PRE, *pretrain_args(tmp_path)]
     rc, out = run_with_timeout(cmd, tmp_path, timeout=180, env=env)
-    assert rc != 0 and "out of memory (simulated)" in out
+    assert rc != 0 and "broadcast_buffers" not in out and "FutureWarning" not in out
+    assert out.count("Traceback") <= 1 and "File \"" + str(ROOT / "trainer") not in out  # only torchrun's own
+    root_cause = out[out.index("Root Cause"):]
+    assert "[rank 1] error: the data of rank 1 broke (simulated)" in root_cause
 
 
 # ------------------------------------------------------------------------------------------------ a real failed save
@@ -237,3 +242,116 @@ def test_raising_max_steps_on_resume_says_the_lr_schedule_changes(tmp_path, caps
     assert "lr goes from 2.318e-04 (step 4) to 5.500e-04 (step 5)" in out
     code, out, _ = run_inprocess(PRE, *args, "--max_steps", "9", "--from_resume", "1", capsys=capsys)
     assert code == 0 and "--max_steps 8 -> 9" in out
+
+
+# ------------------------------------------------------------------------------------------------ one huge record
+
+class CountingTokenizer:
+    """The real tokenizer, recording the longest text it was asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.longest = tokenizer, 0
+
+    def __call__(self, text, *a, **k):
+        self.longest = max(self.longest, len(text))
+        return self.tok(text, *a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_one_huge_record_is_cut_by_characters_before_tokenizing_and_gives_the_same_tokens(tmp_path):
+    from dataset.lm_dataset import PretrainDataset, RLAIFDataset, SFTDataset
+    from trainer.rl_utils import fit_prompt
+    from trainer.trainer_utils import load_tokenizer, root_path
+    tok = CountingTokenizer(load_tokenizer(root_path("model")))
+    huge = "长文本 long text, 第二句。" * 8000 + " the end"  # 168k characters, tokens of a few characters each
+    (tmp_path / "pre.jsonl").write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": huge}) + "\n")
+    conv = [{"role": "user", "content": huge}, {"role": "assistant", "content": "ok"}]
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"conversations": conv}, ensure_ascii=False) + "\n")
+    for cls, path in ((PretrainDataset, "pre.jsonl"), (SFTDataset, "sft.jsonl")):
+        ds = cls(tmp_path / path, tok, max_length=64, target_sample=0)
+        tok.longest = 0
+        cut = ds[len(ds) - 1]
+        assert 0 < tok.longest <= ds.max_chars + 100 < len(huge) // 5  # (+100: the chat markup)
+        ds.max_chars = 10 ** 9  # nothing cut: the whole record tokenized
+        whole = ds[len(ds) - 1]
+        assert torch.equal(cut["input_ids"], whole["input_ids"]) and torch.equal(cut["labels"], whole["labels"])
+        assert len(cut["input_ids"]) == 64
+
+    # RL prompts keep their head and tail: the fitted prompt is the one the whole record gives
+    rl = [{"role": "user", "content": huge}, {"role": "assistant", "content": "42"}]
+    (tmp_path / "rl.jsonl").write_text(json.dumps({"conversations": rl}, ensure_ascii=False) + "\n")
+    ds = RLAIFDataset(tmp_path / "rl.jsonl", tok.tok, max_length=64, target_sample=0)
+    cut = ds[0]
+    assert len(cut["prompt"]) < 2 * ds.max_chars + 100 and cut["answer"] == "42"
+    ds.max_chars = 10 ** 9
+    assert fit_prompt(tok.tok, cut["prompt"], 64) == fit_prompt(tok.tok, ds[0]["prompt"], 64)
+
+
+# ------------------------------------------------------------------------------------------------ files that lie
+
+def test_loaded_weights_are_checked_for_nan_inf_and_dtype(tiny_random, tmp_path, capsys):
+    shutil.copytree(tiny_random / "out", tmp_path / "out")
+    path = tmp_path / "out" / "pretrain_64.pth"
+    good = torch.load(path, weights_only=True)
+    args = [*TINY, *dirs(tmp_path), "--data_path", DEMO / "sft.jsonl", "--max_steps", "1"]
+    key = "model.layers.1.mlp.up_proj.weight"
+    for change, expect in [
+        (lambda t: t.fill_(float("nan")), f"weight file {path}: tensor {key} holds {good[key].numel()} NaN/inf"),
+        (lambda t: t.index_fill_(0, torch.tensor([3, 5]), float("inf")),
+         f"weight file {path}: tensor {key} holds {2 * good[key].shape[1]} NaN/inf value(s)"),
+        (lambda t: t.round().to(torch.int64), f"weight file {path}: tensor {key} has dtype int64, not a float type"),
+    ]:
+        sd = {k: v.clone() for k, v in good.items()}
+        sd[key] = change(sd[key])
+        torch.save(sd, path)
+        code, _, err = run_inprocess(SFT, *args, "--from_weight", "pretrain", capsys=capsys)
+        assert code == 1 and "Traceback" not in err and expect in err, err
+
+
+def test_a_malicious_pickle_is_called_unsafe_not_truncated(tmp_path, capsys):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    (ck / "pretrain_64_resume.pth").write_bytes(pickle.dumps({"model": Evil()}))
+    args = [*TINY, *dirs(tmp_path), "--data_path", DEMO / "pretrain.jsonl", "--max_steps", "1", "--from_resume", "1"]
+    code, _, err = run_inprocess(PRE, *args, capsys=capsys)
+    assert code == 1 and not (tmp_path / "pwned").exists()
+    assert "is not a weights file: it asks the loader to create Python objects" in err and "truncated" not in err
+    assert err.strip().count("\n") == 0, err  # one line: no pickle-protocol warning before it
+
+
+@pytest.mark.parametrize("case", ["symlink_loop", "device_gpu", "gzip_named_jsonl"])
+def test_more_bad_input_is_one_line(case, tmp_path, capsys):
+    import gzip
+    data = DEMO / "pretrain.jsonl"
+    extra = []
+    if case == "symlink_loop":
+        os.symlink(tmp_path / "b.jsonl", tmp_path / "a.jsonl")
+        os.symlink(tmp_path / "a.jsonl", tmp_path / "b.jsonl")
+        data, expect = tmp_path / "a.jsonl", "is a symbolic link that points back to itself"
+    elif case == "device_gpu":
+        extra, expect = ["--device", "gpu"], "--device gpu is not a device name torch knows; pass cpu, cuda"
+    else:
+        data = tmp_path / "pretrain.jsonl"
+        data.write_bytes(gzip.compress((DEMO / "pretrain.jsonl").read_bytes()[:2000]))
+        expect = f"{data} is a gzip-compressed file, not JSONL text (whatever its name says); unpack it first, e.g. " \
+                 f"gunzip -c {data} > unpacked.jsonl"
+    code, _, err = run_inprocess(PRE, *TINY, *dirs(tmp_path), "--data_path", data, "--max_steps", "1", *extra,
+                                 capsys=capsys)
+    assert code == 1 and "Traceback" not in err and expect in err, err
+
+
+def test_readme_and_the_missing_data_message_name_the_same_dataset_ids():
+    from dataset.lm_dataset import DATA_HELP
+    for readme in ("README.md", "README_en.md"):
+        text = (ROOT / readme).read_text()
+        for dataset_id in ("gongjy/minimind_dataset", "jingyaogong/minimind_dataset"):
+            assert dataset_id in text and dataset_id in DATA_HELP
+        assert "ModelScope 上的 `gongjy/minimind_dataset`" in text or "`gongjy/minimind_dataset` on ModelScope" in text
+    assert "ModelScope gongjy/minimind_dataset" in DATA_HELP

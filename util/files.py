@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import warnings
 import zipfile
 
 import torch
@@ -22,9 +24,18 @@ def load_torch_file(path: str, what: str, fix: str):
         raise UserError(f"{what} {path} is empty (0 bytes), probably from a crash or a full disk during a save; "
                         f"{fix}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning would print before our one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
             AttributeError, UnicodeDecodeError, OSError) as e:  # OSError: torch's zip reader on some truncations
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            # readable, but it asks to build Python objects (functions, classes) that no weights file holds
+            found = re.search(r"(unsupported GLOBAL \S+|Unsupported global: \S+|Unsupported operand \d+)", str(e),
+                              re.I)
+            raise UserError(f"{what} {path} is not a weights file: it asks the loader to create Python objects "
+                            f"({found.group(1) if found else 'not tensors'}), which could run code from the file, so "
+                            f"it was not loaded. Use a file written by this repo's scripts; {fix}") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{what} {path} ({size} bytes) is not a readable PyTorch file: truncated or not a torch.save "
                         f"file ({first[:160]}); {fix}") from None

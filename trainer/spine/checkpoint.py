@@ -179,7 +179,25 @@ def load_weights(model: torch.nn.Module, path: str, config: MiniMindConfig) -> N
     model_sd = model.state_dict()
     if set(sd) != set(model_sd) or any(sd[k].shape != model_sd[k].shape for k in model_sd):
         raise UserError(_diagnose_mismatch(model_sd, sd, path, config))
+    check_weight_values(sd, model_sd, path, "weight file")
     model.load_state_dict(sd, strict=True)
+
+
+def check_weight_values(sd: dict, model_sd: dict, path: str, what: str) -> None:
+    """Refuse weights that would train or answer silently wrong: a non-float tensor where the model has floats
+    (load_state_dict would cast int64 to float, and such a model trains with zero gradient norm), or NaN/inf values
+    (the run would stop as "diverged" with advice to lower the learning rate)."""
+    for k, v in sd.items():
+        want = model_sd.get(k)
+        if want is not None and want.is_floating_point() and not v.is_floating_point():
+            raise UserError(f"{what} {path}: tensor {k} has dtype {str(v.dtype).replace('torch.', '')}, not a "
+                            "float type, so it is not a weights file of this model (weights are float16/bfloat16/"
+                            "float32); use a file written by this repo's scripts or convert_model.py")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            raise UserError(f"{what} {path}: tensor {k} holds {bad} NaN/inf value(s) of {v.numel()}; the file "
+                            "is damaged or comes from a run that diverged. Use an earlier good copy (e.g. the resume "
+                            "file's run, or retrain that stage)")
 
 
 def _missing_weight_message(path: str) -> str:
@@ -286,6 +304,7 @@ def load_trainable_state_dict(model: torch.nn.Module, sd: dict, path: str) -> No
                         f"unexpected {sorted(set(sd) - expected)[:3]}); the architecture flags differ from the run "
                         "that wrote it, or pass --from_resume 0 to start over")
     current = model.state_dict()
+    check_weight_values(sd, current, path, "resume file")
     bad = [k for k in sd if sd[k].shape != current[k].shape]
     if bad:
         raise UserError(f"resume file {path} has other shapes for {bad[:3]} (e.g. {tuple(sd[bad[0]].shape)} vs "

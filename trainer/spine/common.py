@@ -24,7 +24,13 @@ def root_path(p: str | os.PathLike) -> str:
 
 def user_path(p: str | os.PathLike | None) -> str | None:
     """Paths the user typed resolve against the current directory (as any CLI would)."""
-    return None if p is None else str(Path(p).expanduser().resolve())
+    if p is None:
+        return None
+    try:
+        return str(Path(p).expanduser().resolve())
+    except (RuntimeError, OSError) as e:  # Python 3.11 raises RuntimeError for a symlink loop, 3.13 OSError(ELOOP)
+        raise UserError(f"path {p} cannot be resolved ({e}): it is a symbolic link that points back to itself "
+                        "(directly or through other links); point it at the real file") from None
 
 
 def str2bool_int(v) -> int:

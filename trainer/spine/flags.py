@@ -120,6 +120,12 @@ def validate_args(args) -> None:
     _need(args, "warmup_iters", lambda v: v >= 0, ">= 0", "0 = no warmup")
     _need(args, "num_workers", lambda v: v >= 0, ">= 0", "0 = load data in the main process")
     _need(args, "max_bad_steps", lambda v: v >= 1, ">= 1", "e.g. --max_bad_steps 3")
+    if isinstance(getattr(args, "device", None), str):
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise UserError(f"--device {args.device} is not a device name torch knows; pass cpu, cuda or cuda:N "
+                            "(an NVIDIA GPU is called cuda)") from None
     if hasattr(args, "hidden_size"):
         check_model_size(args.hidden_size, getattr(args, "num_hidden_layers", 1))
     if getattr(args, "num_workers", 0) is None:

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import random
+import re
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,12 +146,43 @@ def run_main(main, interrupted: str = "interrupted: stopped at once; nothing was
         sys.exit(EXIT_DIVERGED)
     except (UserError, DataFormatError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         # a worker's exception arrives wrapped in its traceback text; show the same line as without workers
-        print(f"\n{prefix}error: {unwrap_worker_message(e)}", file=sys.stderr, flush=True)
+        _report_error(f"error: {unwrap_worker_message(e)}", rank, prefix)
+        sys.exit(EXIT_USER)
+    except RuntimeError as e:
+        if not (dist.is_initialized() and _LOST_PEER.search(str(e))):  # not a lost peer: keep the traceback
+            raise
+        # this rank's collective failed because another rank ended (its error, the cause, is reported by it)
+        _report_error(f"error: lost contact with the other processes ({_LOST_PEER.search(str(e)).group(0)}): "
+                      "another rank failed or was stopped; its message is above, and in torchrun's summary below",
+                      rank, prefix, always=True)
         sys.exit(EXIT_USER)
     except KeyboardInterrupt:
         print(f"\n{prefix}{interrupted}", file=sys.stderr, flush=True)
         sys.exit(EXIT_SIGNAL[signal.SIGINT])
 
+
+
+# gloo reports a peer that exited as a plain RuntimeError ("... Connection closed by peer ..."), NCCL as a DistError
+_LOST_PEER = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|DistBackendError|"
+                        r"NCCL communicator was aborted|ProcessGroupNCCL.*(?:abort|timeout)", re.I)
+
+
+def _report_error(line: str, rank: int, prefix: str, always: bool = False) -> None:
+    """One error line. Under torchrun every rank usually meets the same error (same flags, same data): rank 0
+    prints it, and each failing rank also hands it to torchrun (TORCHELASTIC_ERROR_FILE), whose closing failure
+    summary then shows it as the failure's "traceback" instead of a pointer to the docs: the message is the last
+    thing the user reads, even when only another rank failed."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if rank == 0 or always or not error_file:
+        print(f"\n{prefix}{line}", file=sys.stderr, flush=True)
+    if error_file:
+        try:
+            with open(error_file, "w", encoding="utf-8") as f:
+                # the layout torch's own @record writes; the summary shows py_callstack as the "traceback"
+                json.dump({"message": {"message": f"{prefix}{line}", "extraInfo": {
+                    "py_callstack": f"{prefix}{line}", "timestamp": str(int(time.time()))}}}, f)
+        except OSError:  # the summary then points to the docs instead; the line was printed (rank 0) anyway
+            pass
 
 
 def reduce_mean(values: list[float], device) -> list[float]:
@@ -175,10 +209,11 @@ def enable_grad_checkpointing(model: torch.nn.Module) -> None:
 
 def wrap_model(model: torch.nn.Module, ctx: RunContext, compile: bool = False) -> torch.nn.Module:
     """torch.compile (optional) then DDP. No buffers need syncing (RoPE tables are deterministic), so
-    broadcast_buffers=False (the reference re-broadcast 2x8 MB of RoPE tables every forward)."""
+    forward_sync_buffers=False (the reference re-broadcast 2x8 MB of RoPE tables every forward; torch 2.13 deprecates
+    the old name broadcast_buffers with a FutureWarning per rank)."""
     if compile:
         model = torch.compile(model)
     if ctx.ddp:
         model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+                                        forward_sync_buffers=False)
     return model
