@@ -64,7 +64,8 @@ def build_parser():
     p.add_argument("--prompts", type=str, nargs="*", default=None, help="prompts for auto mode (default: built-in)")
     p.add_argument("--enable_thinking", type=int, default=None, choices=[0, 1],
                    help="chat template switch: 0 closes the <think> block in the prompt (default: the model decides)")
-    p.add_argument("--seed", type=int, default=None, help="固定随机种子 / fix sampling seed (default: random)")
+    p.add_argument("--seed", type=sampling_flag("seed", int), default=None,
+                   help="固定随机种子 / fix sampling seed (default: random)")
     return p
 
 

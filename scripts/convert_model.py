@@ -48,8 +48,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_FILE = ROOT / "model" / "model_minimind.py"
 TIED_KEY, EMBED_KEY = "lm_head.weight", "model.embed_tokens.weight"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-# what an export folder may hold: an existing --out with anything else is not ours to replace
-OUR_FILES = {"config.json", "generation_config.json", "model.safetensors", "chat_template.jinja", *TOKENIZER_FILES}
+# written into every export: names the files this tool wrote, the only ones a later export may replace or delete
+MARKER = "minimind_export.json"
+# the repo's own folders: never an --out (nor anything inside them), and neither is the repo root
+SOURCE_FOLDERS = ("model", "trainer", "dataset", "scripts", "tests", "docs", ".git", ".ci")
 # config.json entries that describe the file, not the model (dropped when building MiniMindConfig from it)
 FILE_KEYS = {"auto_map", "architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
              "model_type", "rope_parameters", "rope_scaling"}
@@ -195,21 +197,82 @@ def write_model_code(out: Path) -> list[str]:
     return [f.name for f in files]
 
 
-def prepare_out(out: Path) -> None:
-    """Refuse to replace a folder that holds more than an earlier export (someone's data, another model)."""
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"--out {out} is a file; give a folder path")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUR_FILES and p.suffix != ".py")
-        if foreign:
-            raise UserError(f"--out {out} already holds other files ({', '.join(foreign[:5])}); "
-                            "choose a new folder or empty it")
+def prepare_out(out: Path, overwrite: bool = False) -> list[str]:
+    """Check --out before anything is loaded or written; returns the files an earlier export of this tool left
+    there (its marker's list: the only files a new export may delete).
+
+    Never the repo's own source folders. An existing folder must be empty or one of this tool's exports (it holds
+    MARKER); any other folder is refused unless `overwrite`, which lets the export replace files of the export's
+    own names in it and never deletes anything else."""
+    protected = [ROOT / name for name in SOURCE_FOLDERS]
+    if out == ROOT or any(out == p or p in out.parents for p in protected):
+        raise UserError(f"--out {out} is part of this repository's source (the repo root or one of "
+                        f"{', '.join(SOURCE_FOLDERS)}); export to a new folder, e.g. --out MiniMind-hf")
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder path")
+    marker = out / MARKER
+    if marker.is_file():
+        try:
+            listed = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{marker} is damaged ({type(e).__name__}); delete it, or export to a new folder") from None
+        # a marker names plain files beside it; anything else (a path, a folder) was not written by this tool
+        return [f for f in listed if isinstance(f, str) and Path(f).name == f and (out / f).is_file()]
+    if any(out.iterdir()) and not overwrite:
+        names = sorted(p.name for p in out.iterdir())
+        raise UserError(f"--out {out} is not an export of this tool (no {MARKER}) and holds files "
+                        f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); choose a new or empty folder, "
+                        "or pass --overwrite to write the export's files into it (files of the same names are "
+                        "replaced, nothing else is deleted)")
+    return []
 
 
-def export_model(model, tokenizer, out, fmt: str = "hf", dtype: torch.dtype = torch.float16) -> Path:
+def install_export(tmp: Path, out: Path, previous: list[str], overwrite: bool) -> None:
+    """Move the finished export from `tmp` into `out`. A new folder is renamed into place whole; into an existing
+    one each file is renamed (atomic per file), then files of the previous export that this one does not have are
+    removed; the marker is written first with both lists (a crash half way leaves every file owned by a marker) and
+    last with the new list. A file of the user's with an export file's name is replaced only with --overwrite."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    written = sorted(p.name for p in tmp.iterdir() if p.name != MARKER)
+    theirs = [n for n in written if n not in previous and (out / n).exists()]
+    if theirs and not overwrite:
+        raise UserError(f"--out {out} holds {', '.join(theirs)}, which an earlier export did not write; move it "
+                        "away, or pass --overwrite to replace it")
+    write_marker(out, sorted(set(written) | set(previous)))
+    for name in written:
+        os.replace(tmp / name, out / name)
+    for name in set(previous) - set(written):
+        (out / name).unlink(missing_ok=True)
+    os.replace(tmp / MARKER, out / MARKER)
+
+
+def write_marker(folder: Path, files: list[str]) -> None:
+    """MARKER: which tool wrote this folder and which files in it are its own (the only ones it will delete)."""
+    tmp = folder / f"{MARKER}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps({"tool": "scripts/convert_model.py", "files": files}, indent=2) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, folder / MARKER)
+
+
+def remove_export(out: Path) -> None:
+    """Delete the files `out`'s marker lists and the marker (the folder too if nothing else is left in it)."""
+    for name in prepare_out(out, overwrite=True):
+        (out / name).unlink()
+    (out / MARKER).unlink(missing_ok=True)
+    if not any(out.iterdir()):
+        out.rmdir()
+
+
+def export_model(model, tokenizer, out, fmt: str = "hf", dtype: torch.dtype = torch.float16,
+                 overwrite: bool = False) -> Path:
     """Write `model` (a MiniMindForCausalLM) and `tokenizer` as a transformers folder; returns its path.
 
-    The folder is assembled beside `out` and renamed into place, so a crash never leaves half a folder behind.
+    The export is assembled beside `out` and moved into place (install_export), so a crash never leaves half a file
+    behind, and only files this tool wrote are ever replaced or deleted (prepare_out).
     """
     from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaForCausalLM
@@ -217,7 +280,7 @@ def export_model(model, tokenizer, out, fmt: str = "hf", dtype: torch.dtype = to
     config = model.config
     if fmt == "llama" and llama_refusal(config):
         raise UserError(llama_refusal(config))
-    prepare_out(out)
+    previous = prepare_out(out, overwrite)
     ids = special_ids(tokenizer)
     cfg, target = config_json(config, fmt, dtype, ids)
     tensors = export_tensors(model, dtype, expected_tensors(LlamaForCausalLM if fmt == "llama"
@@ -236,11 +299,8 @@ def export_model(model, tokenizer, out, fmt: str = "hf", dtype: torch.dtype = to
         write_tokenizer(tokenizer, tmp)
         if fmt == "hf":
             write_model_code(tmp)
-        old = out.parent / f".{out.name}.old{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        write_marker(tmp, sorted(p.name for p in tmp.iterdir()))
+        install_export(tmp, out, previous, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -427,7 +487,11 @@ def main(argv=None):
     p.add_argument("--format", choices=["hf", "llama"], default="hf",
                    help="导出格式 / export as: hf = MiniMind code + trust_remote_code (any model); "
                         "llama = plain LlamaForCausalLM (dense, gate off)")
-    p.add_argument("--out", type=str, default=None, help="导出目录 / output folder for the transformers model")
+    p.add_argument("--out", type=str, default=None,
+                   help="导出目录 / output folder for the transformers model: new, empty, or an earlier export")
+    p.add_argument("--overwrite", action="store_true",
+                   help="允许写入非导出目录 / also write into a non-empty folder that is not an earlier export "
+                        "(files of the export's names are replaced; nothing else is deleted)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp16",
                    help="导出精度 / dtype of the exported tensors (fp16 = lossless from a native .pth)")
     p.add_argument("--from_hf", type=str, default=None,
@@ -471,19 +535,19 @@ def main(argv=None):
         raise UserError("--load_from points at a transformers folder; export reads native weights (--weight), "
                         "and --from_hf DIR imports a folder")
     out = Path(args.out).resolve()
-    prepare_out(out)  # fail before loading anything
+    prepare_out(out, args.overwrite)  # fail before loading anything
     model, tokenizer = load_model(args)
     if args.format == "llama" and llama_refusal(model.config):
         raise UserError(llama_refusal(model.config))
-    out = export_model(model.eval(), tokenizer, out, args.format, DTYPES[args.dtype])
+    out = export_model(model.eval(), tokenizer, out, args.format, DTYPES[args.dtype], args.overwrite)
     print(f"wrote {out} ({args.format}, {args.dtype})")
     if args.verify:
         del model
         try:
             print(verify_export(out, args.format))
         except UserError as e:
-            shutil.rmtree(out)
-            raise UserError(f"{e}; removed {out}") from None
+            remove_export(out)  # what this export wrote, nothing else
+            raise UserError(f"{e}; removed the export's files from {out}") from None
     if args.format == "hf":
         print(f"load it: AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)")
     else:

@@ -45,6 +45,8 @@ from trainer.trainer_utils import UserError, run_main  # noqa: E402
 
 WEB = ROOT / "scripts" / "web"
 ROLES = CHAT_ROLES | {"developer"}  # OpenAI's newer name for system, mapped to it in parse_request
+BODY_TIMEOUT_S = 30.0  # a request body not complete after this long gets 408 (it would hold a connection forever)
+MAX_DEPTH = 64  # JSON nesting a request may have (a tool schema needs ~10; deeper is refused before it recurses)
 
 
 class ApiError(Exception):
@@ -81,9 +83,17 @@ def _number(body: dict, name: str, default, integer: bool = False, rule: str | N
 
 
 def parse_request(body, limits: dict) -> dict:
-    """Validate an OpenAI chat-completions body; returns the normalised fields or raises ApiError(400)."""
+    """Validate an OpenAI chat-completions body; returns the normalised fields or raises ApiError (400; 404 for a
+    model this server does not serve)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", "model")
+    if model is not None and model not in limits["models"]:
+        served = ", ".join(repr(m) for m in limits["models"])
+        raise ApiError(404, f"The model {model!r} does not exist on this server; it serves {served} "
+                            "(GET /v1/models)", "model", "model_not_found")
     msgs = body.get("messages")
     if msgs is None:
         raise ApiError(400, "'messages' is required", "messages")
@@ -119,7 +129,7 @@ def parse_request(body, limits: dict) -> dict:
         raise ApiError(400, f"'temperature' must be in [0, 2], got {temperature}", "temperature")
     top_p = _number(body, "top_p", limits["top_p"], rule="top_p")
     top_k = _number(body, "top_k", 0, integer=True, rule="top_k")
-    seed = _number(body, "seed", None, integer=True)
+    seed = _number(body, "seed", None, integer=True, rule="seed")
     n = _number(body, "n", 1, integer=True)
     if n != 1:
         raise ApiError(400, "only n=1 is supported", "n")
@@ -141,22 +151,40 @@ def parse_request(body, limits: dict) -> dict:
         seed=seed, stop=stop or [], tools=tools or None, enable_thinking=thinking)
 
 
-async def read_body(request: Request, limit: int):
-    """The JSON body, refusing (413) anything over `limit` bytes before reading it all."""
+async def read_body(request: Request, limit: int, timeout: float):
+    """The JSON body, refusing anything over `limit` bytes before reading it all (413), a body that has not arrived
+    after `timeout` seconds (408), and JSON nested deeper than MAX_DEPTH (400)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, f"request body of {length} bytes is over the limit of {limit} (--max_body_kb)",
                        code="request_too_large")
     data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise ApiError(413, f"request body is over the limit of {limit} bytes (--max_body_kb)",
-                           code="request_too_large")
+    with anyio.move_on_after(timeout) as waited:
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise ApiError(413, f"request body is over the limit of {limit} bytes (--max_body_kb)",
+                               code="request_too_large")
+    if waited.cancelled_caught:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout")
     try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        body = json.loads(data)
+    except RecursionError:
+        raise ApiError(400, f"the request body is nested deeper than {MAX_DEPTH} levels", code="invalid_json") from None
+    except ValueError as e:  # not JSON, not UTF-8, or an integer too long to convert
         raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if json_depth(body) > MAX_DEPTH:
+        raise ApiError(400, f"the request body is nested deeper than {MAX_DEPTH} levels", code="invalid_json")
+    return body
+
+
+def json_depth(obj) -> int:
+    """Nesting depth of parsed JSON, without recursion (templates and json.dumps recurse on what we accept)."""
+    depth, level = 0, [obj]
+    while level:
+        depth += 1
+        level = [v for o in level if isinstance(o, (dict, list)) for v in (o.values() if isinstance(o, dict) else o)]
+    return depth
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,11 +193,11 @@ async def read_body(request: Request, limit: int):
 
 def create_app(model, tokenizer, model_name: str, *, context: int | None = None, max_tokens_limit: int = 8192,
                max_body_bytes: int = 1 << 20, max_queue: int = 16, temperature: float = 0.85, top_p: float = 0.85,
-               lock: threading.Lock | None = None) -> FastAPI:
+               lock: threading.Lock | None = None, body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     """The FastAPI app around one loaded model. Tests pass a fake model (anything with HF generate's
     input_ids/streamer/stopping_criteria contract) to script replies that contain <think> or tool calls."""
     context = context or context_length(model)
-    limits = dict(max_tokens=max_tokens_limit, temperature=temperature, top_p=top_p)
+    limits = dict(max_tokens=max_tokens_limit, temperature=temperature, top_p=top_p, models=[model_name])
     lock = lock or threading.Lock()
     state = {"pending": 0}
     created_at = int(time.time())
@@ -205,33 +233,53 @@ def create_app(model, tokenizer, model_name: str, *, context: int | None = None,
 
     app.mount("/web", StaticFiles(directory=WEB), name="web")
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        req = parse_request(await read_body(request, max_body_bytes), limits)
+    def take_slot():
+        """A place in the queue, taken when the request is accepted (before any await, so requests arriving
+        together cannot all pass the check) and given back exactly once, whichever way the request ends."""
         if state["pending"] >= max_queue:
             raise ApiError(429, f"{state['pending']} requests are already queued; retry later (--max_queue)",
                            code="server_busy", type="rate_limit_error")
-        prompt, max_new = await anyio.to_thread.run_sync(fit_prompt, req)
-        parser = ReplyParser(tools=bool(req["tools"]), in_think=prompt.in_think)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        state["pending"] += 1
+        held = [True]
 
-        def start():
-            state["pending"] += 1
-            return ChatStream(model, tokenizer, prompt.ids, max_new_tokens=max_new, temperature=req["temperature"],
-                              top_p=req["top_p"], top_k=req["top_k"], seed=req["seed"], stop=req["stop"], lock=lock)
-        if req["stream"]:
-            # generation starts when the response body does, so a client gone before that costs nothing
-            return StreamingResponse(sse(start, parser, head, len(prompt.ids), req["include_usage"]),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        stream = start()
+        def release():
+            if held:
+                held.clear()
+                state["pending"] -= 1
+        return release
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req = parse_request(await read_body(request, max_body_bytes, body_timeout), limits)
+        release = take_slot()
+        handed_over = False
         try:
-            async with anyio.create_task_group() as watch:
-                watch.start_soon(cancel_on_disconnect, request, stream)
-                events, error = await anyio.to_thread.run_sync(collect, stream, parser)
-                watch.cancel_scope.cancel()
+            prompt, max_new = await anyio.to_thread.run_sync(fit_prompt, req)
+            parser = ReplyParser(tools=bool(req["tools"]), in_think=prompt.in_think)
+            head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+
+            def start():
+                return ChatStream(model, tokenizer, prompt.ids, max_new_tokens=max_new,
+                                  temperature=req["temperature"], top_p=req["top_p"], top_k=req["top_k"],
+                                  seed=req["seed"], stop=req["stop"], lock=lock)
+            if req["stream"]:
+                # generation starts when the response body does, so a client gone before that costs nothing;
+                # the response gives the slot back when it ends, also if its body never started
+                handed_over = True
+                return SlotStreamingResponse(sse(start, parser, head, len(prompt.ids), req["include_usage"],
+                                                 release), release, media_type="text/event-stream",
+                                             headers={"Cache-Control": "no-cache"})
+            stream = start()
+            try:
+                async with anyio.create_task_group() as watch:
+                    watch.start_soon(cancel_on_disconnect, request, stream)
+                    events, error = await anyio.to_thread.run_sync(collect, stream, parser)
+                    watch.cancel_scope.cancel()
+            finally:
+                stream.cancel()
         finally:
-            stream.cancel()
-            state["pending"] -= 1
+            if not handed_over:
+                release()
         if isinstance(error, GenerationError):
             raise ApiError(500, str(error), type="server_error")
         if error is not None:
@@ -265,7 +313,7 @@ def create_app(model, tokenizer, model_name: str, *, context: int | None = None,
                            "messages") from None
         return prompt, req["max_tokens"] or min(max_tokens_limit, context - len(prompt.ids))
 
-    async def sse(start, parser, head, prompt_tokens, include_usage):
+    async def sse(start, parser, head, prompt_tokens, include_usage, release):
         """OpenAI's chunk stream: role first, then content / reasoning_content / tool_calls deltas, a final chunk
         with finish_reason, the usage chunk when asked, and [DONE]. Leaving early (client gone) cancels."""
         def chunk(delta, finish=None):
@@ -295,10 +343,25 @@ def create_app(model, tokenizer, model_name: str, *, context: int | None = None,
             yield event(error_body(message, "server_error"))
         finally:
             stream.cancel()
-            state["pending"] -= 1
+            release()
         yield "data: [DONE]\n\n"
 
     return app
+
+
+class SlotStreamingResponse(StreamingResponse):
+    """A StreamingResponse that gives its queue slot back when it ends, however it ends (its body generator does
+    too, earlier; a generator that never started cannot)."""
+
+    def __init__(self, content, release, **kw):
+        super().__init__(content, **kw)
+        self.release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 async def cancel_on_disconnect(request: Request, stream, every: float = 0.2) -> None:

@@ -13,6 +13,7 @@ Llama; key mismatches and damaged files stop with a message naming them; a faile
 import argparse
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -310,7 +311,7 @@ def test_strict_key_checks_name_the_tensors(tmp_path):
     (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2"}))
     with pytest.raises(UserError, match="model_type 'qwen2'"):
         cm.import_folder(folder)
-    with pytest.raises(UserError, match="already holds other files"):
+    with pytest.raises(UserError, match="not an export of this tool"):
         (tmp_path / "mine").mkdir()
         (tmp_path / "mine" / "notes.txt").write_text("keep me")
         cm.export_model(model, tok, tmp_path / "mine")
@@ -351,3 +352,112 @@ def test_a_conversion_that_fails_verification_leaves_nothing_behind(tmp_path, mo
     with pytest.raises(UserError, match="verification failed"):
         convert("--from_hf", tmp_path / "hf", "--save_weight", "back", "--save_dir", tmp_path / "out")
     assert not (tmp_path / "hf2").exists() and not list((tmp_path / "out").glob("back_*"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="verification failed"):
+        convert("--weight", "full_sft", "--save_dir", tmp_path / "out", "--out", tmp_path / "mine", "--overwrite")
+    assert snapshot(tmp_path / "mine") == {"notes.txt": b"keep me"}  # only the export's own files were removed
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --out never deletes or overwrites what this tool did not write (issue 16, item 2)
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: bytes} of every file under `folder`."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_user_folder_with_code_and_config_survives(tmp_path):
+    """A folder of the user's holding a *.py and a config.json is not an export of this tool: refused without
+    --overwrite, and with --overwrite the export's files are added but nothing of the user's is deleted."""
+    make_native(tmp_path / "out")
+    user = tmp_path / "my_project"
+    user.mkdir()
+    (user / "train.py").write_text("print('my own script')\n")
+    (user / "config.json").write_text('{"my": "settings"}\n')
+    before = snapshot(user)
+    argv = ["--weight", "full_sft", "--save_dir", tmp_path / "out", "--out", user, "--verify", "0"]
+    with pytest.raises(UserError, match=r"my_project .*not an export of this tool.*--overwrite"):
+        convert(*argv)
+    assert snapshot(user) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_project", "out"]  # no temp folder left behind
+
+    convert(*argv, "--overwrite")
+    after = snapshot(user)
+    assert after["train.py"] == before["train.py"]
+    assert json.loads(after["config.json"])["model_type"] == "minimind"  # named file: replaced, as asked
+    marker = json.loads(after[cm.MARKER])
+    assert marker["tool"] == "scripts/convert_model.py" and "train.py" not in marker["files"]
+    assert {"model.safetensors", "config.json", "model_minimind.py"} <= set(marker["files"])
+
+    # a later export into the same folder (now marked) replaces only what the marker lists
+    convert("--weight", "full_sft", "--save_dir", tmp_path / "out", "--out", user, "--verify", "0", "--format",
+            "llama")
+    final = snapshot(user)
+    assert final["train.py"] == before["train.py"]
+    assert "model_minimind.py" not in final  # the previous export's code file (listed) is gone: llama has none
+    assert json.loads(final["config.json"])["model_type"] == "llama"
+
+
+def test_re_export_replaces_its_own_files_and_keeps_files_added_later(tmp_path):
+    make_native(tmp_path / "out")
+    argv = ["--weight", "full_sft", "--save_dir", tmp_path / "out", "--out", tmp_path / "hf", "--verify", "0"]
+    convert(*argv)
+    (tmp_path / "hf" / "README.md").write_text("my model card\n")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"stale")
+    convert(*argv)
+    assert (tmp_path / "hf" / "README.md").read_text() == "my model card\n"
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() != b"stale"
+    cm.import_folder(tmp_path / "hf")  # a complete, readable export
+    (tmp_path / "hf" / "README.md").unlink()
+    (tmp_path / "hf" / "tokenizer.json").rename(tmp_path / "hf" / "mine.json")  # a listed name now absent: fine
+    convert(*argv)
+    (tmp_path / "empty").mkdir()
+    convert("--weight", "full_sft", "--save_dir", tmp_path / "out", "--out", tmp_path / "empty", "--verify", "0")
+    assert (tmp_path / "empty" / cm.MARKER).exists()
+
+
+def test_out_inside_the_repo_sources_is_refused_before_any_write(tmp_path):
+    """A fresh clone (a copy of the repo's code in a temp folder): `--out model` run from its root leaves model/
+    exactly as it was, and so do the other source folders and the root itself."""
+    clone = tmp_path / "clone"
+    for folder in ("model", "trainer", "dataset"):
+        shutil.copytree(ROOT / folder, clone / folder, ignore=shutil.ignore_patterns("__pycache__", "demo"))
+    (clone / "scripts").mkdir()
+    shutil.copyfile(ROOT / "scripts" / "convert_model.py", clone / "scripts" / "convert_model.py")
+    make_native(tmp_path / "out")
+    before = snapshot(clone)
+    proc = run_script_in(clone, "--weight", "full_sft", "--save_dir", tmp_path / "out", "--out", "model",
+                         tmp=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "is part of this repository's source" in proc.stderr and "model" in proc.stderr
+    assert snapshot(clone) == before and sorted(p.name for p in clone.iterdir()) == sorted(
+        ["model", "trainer", "dataset", "scripts"])
+    for out in ("model", ".", "scripts", "trainer/spine", "docs/new", str(clone / "dataset")):
+        for force in ([], ["--overwrite"]):
+            message = run_script_in(clone, "--weight", "full_sft", "--save_dir", tmp_path / "out", "--out", out,
+                                    *force, tmp=tmp_path, inprocess=True)
+            assert "is part of this repository's source" in message, (out, message)
+    assert snapshot(clone) == before
+
+
+def run_script_in(clone: Path, *argv, tmp: Path, inprocess: bool = False):
+    """convert_model.py of the clone, run from the clone's root: a subprocess (CompletedProcess) or, for speed,
+    its main() with the clone as ROOT and cwd (the UserError's text)."""
+    if inprocess:
+        import os
+        cwd = os.getcwd()
+        os.chdir(clone)
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(cm, "ROOT", clone)
+                with pytest.raises(UserError) as e:
+                    convert(*argv)
+            return str(e.value)
+        finally:
+            os.chdir(cwd)
+    env = script_env(tmp)
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, "scripts/convert_model.py", *map(str, argv)], cwd=clone, env=env,
+                          capture_output=True, text=True, timeout=120)

@@ -9,6 +9,7 @@ demand), one around the session's real tiny SFT checkpoint. Clients: the officia
 import io
 import json
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from conftest import script_env  # noqa: E402
 from trainer.chat_utils import (ChatStream, GenerationError, ReplyParser, add_model_args, build_prompt,  # noqa: E402
                                 load_model, parse_reply, place_model)
 from trainer.trainer_utils import load_tokenizer  # noqa: E402
@@ -226,6 +228,45 @@ def test_chat_stream_stop_strings_errors_and_counts(tokenizer):
         drain(ChatStream(model, tokenizer, ids, max_new_tokens=50))
 
 
+def test_chat_stream_close_ends_the_generation_thread(tokenizer):
+    """close() returns only once the generation thread has ended, also when the reader stops early (a thread left
+    in the middle of a torch op when the interpreter exits aborts the process: exit 134)."""
+    model = FakeModel(tokenizer)
+    ids = build_prompt(tokenizer, [{"role": "user", "content": "slow"}], 400).ids
+    s = ChatStream(model, tokenizer, ids, max_new_tokens=1000)
+    next(s)
+    s.close()
+    assert not s._thread.is_alive() and model.runs[-1][1]
+
+
+EXIT_WHILE_GENERATING = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from trainer.chat_utils import ChatStream
+from trainer.trainer_utils import load_tokenizer
+torch.manual_seed(0)
+model = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)).eval()
+stream = ChatStream(model, load_tokenizer(sys.argv[1] + "/model"), [1, 300, 301], max_new_tokens=100_000,
+                    temperature=1.0, seed=0)
+for _ in range(3):
+    next(stream)
+print("exiting while the thread generates", flush=True)
+"""
+
+
+def test_a_program_that_exits_while_generating_exits_cleanly(tmp_path):
+    """A program that leaves without closing its stream (an error, sys.exit, the end of main) still ends its
+    generation thread before the interpreter goes down: exit code 0 three times, never 134 'terminate called'."""
+    (tmp_path / "prog.py").write_text(EXIT_WHILE_GENERATING)
+    env = {**script_env(tmp_path), "OMP_NUM_THREADS": "1"}
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, str(tmp_path / "prog.py"), str(ROOT)], capture_output=True,
+                              text=True, timeout=120, env=env)
+        assert proc.returncode == 0 and "terminate called" not in proc.stderr, (proc.returncode, proc.stderr[-2000:])
+        assert "exiting while the thread generates" in proc.stdout
+
+
 def test_chat_stream_real_model_greedy_seed_and_utf8(tiny_sft, tokenizer):
     """On the real tiny model: temperature 0 is greedy (equals argmax decoding), a seed makes sampling repeatable,
     and the incremental decoding of the deltas equals decoding all tokens at once (multi-byte characters)."""
@@ -272,14 +313,14 @@ def test_openai_client_real_model_stream_and_not(real, tokenizer):
     assert text == r.choices[0].message.content  # greedy: the stream says what the whole reply says
     assert chunks[-2].choices[0].finish_reason == r.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
-    a, b = (c.chat.completions.create(model="m", messages=msgs, max_tokens=16, temperature=1.0, seed=3)
+    a, b = (c.chat.completions.create(model="full_sft_64", messages=msgs, max_tokens=16, temperature=1.0, seed=3)
             for _ in range(2))
     assert a.choices[0].message.content == b.choices[0].message.content
     # two streams at once on the real model: each says what it says alone
     texts = []
 
     def run():
-        chunks = c.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0, stream=True)
+        chunks = c.chat.completions.create(model="full_sft_64", messages=msgs, max_tokens=12, temperature=0, stream=True)
         texts.append("".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices))
     threads = [threading.Thread(target=run) for _ in range(2)]
     for t in threads:
@@ -305,9 +346,9 @@ def test_sse_wire_format_ends_with_done(fake):
 def test_reasoning_content_and_tool_calls(fake):
     c = fake.client
     think = [{"role": "user", "content": "think: what is 3 + 4?"}]
-    m = c.chat.completions.create(model="x", messages=think).choices[0].message
+    m = c.chat.completions.create(model="fake-model", messages=think).choices[0].message
     assert m.reasoning_content == "The user asks 3 + 4. That is 7." and m.content == "3 + 4 = 7."
-    chunks = [ch for ch in c.chat.completions.create(model="x", messages=think, stream=True) if ch.choices]
+    chunks = [ch for ch in c.chat.completions.create(model="fake-model", messages=think, stream=True) if ch.choices]
     deltas = [ch.choices[0].delta for ch in chunks]
     reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
     content = "".join(d.content or "" for d in deltas)
@@ -316,30 +357,37 @@ def test_reasoning_content_and_tool_calls(fake):
     assert all(not getattr(d, "reasoning_content", None) for d in deltas[first_content:])  # reasoning came first
 
     ask = [{"role": "user", "content": "weather in Paris?"}]
-    r = c.chat.completions.create(model="x", messages=ask, tools=TOOLS)
+    r = c.chat.completions.create(model="fake-model", messages=ask, tools=TOOLS)
     call = r.choices[0].message.tool_calls[0]
     assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content == "Let me check."
     assert (call.type, call.function.name, json.loads(call.function.arguments)) == \
         ("function", "get_weather", {"city": "Paris", "unit": "C"})
     assert '"name": "get_weather"' in fake.model.prompts[-1] and "<tools>" in fake.model.prompts[-1]
-    chunks = list(c.chat.completions.create(model="x", messages=ask, tools=TOOLS, stream=True))
+    chunks = list(c.chat.completions.create(model="fake-model", messages=ask, tools=TOOLS, stream=True))
     calls = [tc for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or []]
     assert [(tc.index, tc.function.name, tc.function.arguments) for tc in calls] == \
         [(0, "get_weather", call.function.arguments)] and calls[0].id.startswith("call_")
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    r = c.chat.completions.create(model="x", messages=ask)  # no tools in the request: plain text
+    r = c.chat.completions.create(model="fake-model", messages=ask)  # no tools in the request: plain text
     assert r.choices[0].message.tool_calls is None and "<tool_call>" in r.choices[0].message.content
     # the answer goes back as history with the tool result; the template renders both
     follow = ask + [r.choices[0].message.model_dump(exclude_none=True) | {"tool_calls": [call.model_dump()]},
                     {"role": "tool", "tool_call_id": call.id, "content": "21 C"}, {"role": "user", "content": "ok"}]
-    c.chat.completions.create(model="x", messages=follow, tools=TOOLS)
+    c.chat.completions.create(model="fake-model", messages=follow, tools=TOOLS)
     assert "<tool_response>\n21 C\n</tool_response>" in fake.model.prompts[-1]
+
+
+def nested(depth: int) -> dict:
+    obj = {}
+    for _ in range(depth):
+        obj = {"a": obj}
+    return obj
 
 
 BAD = [  # (request body or raw bytes, status, param)
     (b"{bad json", 400, None),
     (b"[1, 2]", 400, None),
-    ({"model": "x"}, 400, "messages"),
+    ({"model": "fake-model"}, 400, "messages"),
     ({"messages": "hello"}, 400, "messages"),
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"content": "no role"}]}, 400, "messages[0]"),
@@ -357,6 +405,16 @@ BAD = [  # (request body or raw bytes, status, param)
     ({"messages": [{"role": "user", "content": "hi"}], "tools": "all"}, 400, "tools"),
     ({"messages": [{"role": "user", "content": "hi"}], "seed": 1.5}, 400, "seed"),
     ({"messages": [{"role": "user", "content": "x" * 70_000}]}, 413, None),   # over --max_body_kb (64 KiB here)
+    # values that pass a type check but break generation: a 500 before (issue 16)
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 1e-300}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**70}, 400, "seed"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": -2**63 - 1}, 400, "seed"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": nested(200)}}]}, 400, None),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "n": ' + b"9" * 5000 + b"}", 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": 7}, 400, "model"),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}, 404, "model"),
 ]
 
 
@@ -368,7 +426,21 @@ def test_malformed_requests_get_openai_errors(fake, body, status, param):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["param"] == param
+    assert err["type"] == "invalid_request_error" and "internal" not in err["message"]
     assert httpx.get(fake.url + "/v1/models", timeout=10).status_code == 200  # still serving
+
+
+def test_unknown_model_is_404_naming_the_served_model(fake):
+    """OpenAI's answer to a model it does not have: 404, code model_not_found; here it also says what is served.
+    No "model" at all means the one served model (curl and small clients often leave it out)."""
+    with pytest.raises(openai.NotFoundError) as e:
+        fake.client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    err = e.value.body
+    assert e.value.status_code == 404 and err["code"] == "model_not_found"
+    assert "'gpt-4o'" in err["message"] and "'fake-model'" in err["message"]
+    r = httpx.post(fake.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                   timeout=30)
+    assert r.status_code == 200 and r.json()["model"] == "fake-model"
 
 
 def test_other_errors_and_limits(fake):
@@ -381,7 +453,7 @@ def test_other_errors_and_limits(fake):
                    content=(b"x" * 8192 for _ in range(10)))
     assert r.status_code == 413
     with pytest.raises(openai.BadRequestError) as e:
-        fake.client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}],
+        fake.client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}],
                                             max_tokens=10**9)
     assert e.value.status_code == 400 and "limit of 300" in e.value.message
 
@@ -390,11 +462,11 @@ def test_generation_error_ends_stream_and_server_survives(fake):
     c = fake.client
     boom = [{"role": "user", "content": "boom"}]
     with pytest.raises(openai.APIError, match="simulated device failure"):
-        for _ in c.chat.completions.create(model="x", messages=boom, stream=True):
+        for _ in c.chat.completions.create(model="fake-model", messages=boom, stream=True):
             pass
     with pytest.raises(openai.InternalServerError, match="simulated device failure"):
-        c.chat.completions.create(model="x", messages=boom)
-    r = c.chat.completions.create(model="x", messages=[{"role": "user", "content": "still there?"}])
+        c.chat.completions.create(model="fake-model", messages=boom)
+    r = c.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "still there?"}])
     assert r.choices[0].message.content == "You said: still there?"
 
 
@@ -405,7 +477,7 @@ def test_long_prompt_cut_by_tokens_on_the_server(fake, tokenizer):
         msgs += [{"role": "user", "content": f"old question {i} " + "word " * 20},
                  {"role": "assistant", "content": f"old answer {i} " + "word " * 20}]
     msgs.append({"role": "user", "content": "LATEST"})
-    r = fake.client.chat.completions.create(model="x", messages=msgs, max_tokens=100)
+    r = fake.client.chat.completions.create(model="fake-model", messages=msgs, max_tokens=100)
     seen = fake.model.prompts[-1]
     assert r.choices[0].message.content == "You said: LATEST"
     assert seen.startswith("<|im_start|>system\nSYSTEM-PROMPT<|im_end|>") and "old question 19" in seen
@@ -420,7 +492,7 @@ def test_two_concurrent_streams_both_finish(fake):
 
     def run(word):
         chunks = fake.client.chat.completions.create(
-            model="x", messages=[{"role": "user", "content": f"repeat {word} " * 20}], stream=True)
+            model="fake-model", messages=[{"role": "user", "content": f"repeat {word} " * 20}], stream=True)
         results[word] = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     threads = [threading.Thread(target=run, args=(w,)) for w in ("alpha", "omega")]
     for t in threads:
@@ -446,6 +518,49 @@ def test_queue_limit_answers_429(tokenizer):
         server.should_exit = True
 
 
+def test_queue_limit_holds_for_concurrent_streams(tokenizer):
+    """--max_queue counts a streaming request from the moment it is accepted, not from when its body starts: of 6
+    streams sent at once with a queue of 2, exactly 2 run and 4 get 429 (all 6 were accepted before)."""
+    model = FakeModel(tokenizer)
+    url, server = serve_in_thread(serve.create_app(model, tokenizer, "m", max_queue=2))
+    body = {"messages": [{"role": "user", "content": "slow"}], "stream": True, "max_tokens": 40}
+    start, codes = threading.Barrier(6), []
+
+    def run():
+        with httpx.Client(timeout=30) as client:
+            start.wait()
+            with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                codes.append(r.status_code)
+                r.read()
+    try:
+        threads = [threading.Thread(target=run) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(codes) == [200, 200, 429, 429, 429, 429]
+        r = httpx.post(url + "/v1/chat/completions", json={**body, "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200  # every slot came back
+    finally:
+        server.should_exit = True
+
+
+def test_a_body_that_never_finishes_times_out(tokenizer):
+    """A client that announces a body and stops sending gets 408 after the body timeout instead of holding a
+    connection (and a request slot) forever."""
+    model = FakeModel(tokenizer)
+    url, server = serve_in_thread(serve.create_app(model, tokenizer, "m", body_timeout=0.5))
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"messages\": [")
+            reply = s.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408") and "request_timeout" in reply, reply
+    finally:
+        server.should_exit = True
+
+
 def assert_stopped_early_and_lock_free(fake, runs_before):
     """The slow generation a gone client started was cancelled (300 tokens allowed, 50 tokens/s) and the next
     request gets the model."""
@@ -454,7 +569,7 @@ def assert_stopped_early_and_lock_free(fake, runs_before):
         assert time.time() < deadline, f"generation kept running after the client left: {fake.model.runs[-1:]}"
         time.sleep(0.05)
     assert fake.model.runs[-1][0] < 100  # stopped early (300 allowed; 50 tokens/s)
-    r = fake.client.chat.completions.create(model="x", messages=[{"role": "user", "content": "next"}])
+    r = fake.client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "next"}])
     assert r.choices[0].message.content == "You said: next"  # the lock was released
 
 
@@ -488,7 +603,7 @@ def test_non_stream_request_whose_client_left_in_the_queue_never_runs(fake):
                        json={"messages": [{"role": "user", "content": "queued then gone"}]})
         for _ in lines:
             pass
-    r = fake.client.chat.completions.create(model="x", messages=[{"role": "user", "content": "next"}])
+    r = fake.client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "next"}])
     assert r.choices[0].message.content == "You said: next"
     assert not any("queued then gone" in p for p in fake.model.prompts[prompts_before:])
 

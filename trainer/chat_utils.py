@@ -18,12 +18,14 @@ reply and a whole reply split identically.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import json
 import os
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,9 +201,11 @@ def context_length(model) -> int:
 
 SAMPLING_RULES = {
     "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
-    "temperature": (lambda v: v >= 0, "must be >= 0 (0 = greedy decoding)"),
+    # below ~1e-38 the logits / temperature overflow to inf and sampling fails; 1e-3 is already greedy in effect
+    "temperature": (lambda v: v == 0 or v >= 1e-3, "must be >= 0 (0 = greedy decoding; otherwise at least 0.001)"),
     "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "top_k": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    "seed": (lambda v: -2**63 <= v < 2**64, "must be in [-2**63, 2**64) (what torch.manual_seed takes)"),
 }
 
 
@@ -267,6 +271,23 @@ def build_prompt(tokenizer, messages, budget: int, tools=None, enable_thinking=N
 
 GENERATION_LOCK = threading.Lock()  # one model per process: generations run one at a time, in arrival order
 _END = object()
+_STREAMS: weakref.WeakSet = weakref.WeakSet()  # every ChatStream whose thread may still run (its thread holds it)
+
+
+@atexit.register
+def end_generation_threads(timeout: float = 30.0) -> None:
+    """At exit, cancel every generation still running and wait for its thread. A daemon thread that is inside a
+    torch op when the interpreter finalizes is killed there and the process aborts ("terminate called without an
+    active exception", exit 134); atexit runs before that point, and a cancelled generation stops at its next
+    decoding step."""
+    streams = list(_STREAMS)
+    try:
+        for s in streams:
+            s.cancel()
+        for s in streams:
+            s.join(timeout)
+    except KeyboardInterrupt:  # a second Ctrl-C while waiting: leave now
+        pass
 
 
 class GenerationError(RuntimeError):
@@ -317,7 +338,9 @@ class ChatStream:
     Sampling: temperature 0 = greedy; top_k 0 = off; seed fixes torch's RNG for this reply. `stop` strings end the
     reply before them (text that might begin a stop string is held back until it is clear). cancel() or closing the
     iterator stops generation at the next decoding step. An exception inside generate ends the iteration with
-    GenerationError. After iteration: finish_reason ("stop" | "length" | "cancelled"), completion_tokens, text."""
+    GenerationError. After iteration: finish_reason ("stop" | "length" | "cancelled"), completion_tokens, text.
+    close() also waits for the thread; threads still running at interpreter exit are ended by
+    end_generation_threads (atexit), so no program leaves one inside a torch op."""
 
     def __init__(self, model, tokenizer, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.85,
                  top_p: float = 0.85, top_k: int = 0, seed: int | None = None, stop=(), lock=GENERATION_LOCK):
@@ -333,7 +356,9 @@ class ChatStream:
             kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
         else:  # greedy: the sampling knobs stay out (generate warns when they are set without sampling)
             kw.update(do_sample=False)
-        self._thread = threading.Thread(target=self._run, args=(model, kw, seed, lock), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(model, kw, seed, lock), daemon=True,
+                                        name="chat-generate")
+        _STREAMS.add(self)
         self._thread.start()
         self._it = self._deltas()
 
@@ -369,8 +394,10 @@ class ChatStream:
         return next(self._it)
 
     def close(self) -> None:
+        """Stop the generation and wait for its thread (at most one decoding step after cancel)."""
         self.cancel()
         self._it.close()
+        self._thread.join()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the generation thread to end; True when it has."""
