@@ -37,10 +37,16 @@ from transformers import initialization as hf_init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 # relative: a transformers-format export copies this module beside model_minimind.py (trust_remote_code)
 from .fast_generate import FastGenerationMixin
 
+
+# attn_implementation values served by attend() below (transformers' default is "sdpa"; None: a bare Attention
+# module outside a model). Any other value is a function from transformers' attention registry, e.g. vLLM's "vllm"
+# (docs/deploy.md), which gets transformers' arguments and manages masking itself.
+OWN_ATTENTION = (None, "sdpa", "eager")
 
 # MiniMind's YaRN settings for inference_rope_scaling (reference §5.5): 16x over 2048 trained positions
 YARN = dict(beta_fast=32, beta_slow=1, factor=16, original_max_position_embeddings=2048, attention_factor=1.0,
@@ -230,8 +236,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
         self.dropout = config.dropout
+        # read by transformers' attention registry functions (and by vLLM's Transformers backend)
+        self.config = config
+        self.scaling = self.head_dim ** -0.5
+        self.is_causal = True
+        self.num_key_value_groups = self.n_rep
 
-    def forward(self, x, cos, sin, mask, past_key_values=None, kv_len=None):
+    def forward(self, x, cos, sin, mask, past_key_values=None, kv_len=None, **kwargs):
         B, T, _ = x.shape
         # cast once under autocast: q/k/v would each cast (and, training, each keep) their own bf16 copy of x
         x = x.to(compute_dtype(x))
@@ -255,8 +266,16 @@ class Attention(nn.Module):
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
 
         dropout_p = self.dropout if self.training else 0.0
-        out = attend(q, k, v, mask, dropout_p).transpose(1, 2)
+        if self.config._attn_implementation in OWN_ATTENTION:
+            out = attend(q, k, v, mask, dropout_p).transpose(1, 2)
+        else:
+            # a registry backend: `mask` is whatever the caller passed (the model builds none for it), kwargs are
+            # the backend's own (vLLM's KV cache handles); it returns [B, T, H, d] or [B*T, H*d]
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
+            out, _ = attention_interface(self, q, k, v, mask, dropout=dropout_p, scaling=self.scaling, **kwargs)
+            out = out.reshape(B, T, self.n_heads, self.head_dim)
         if gate is not None:
+            # outside the attention function, so every backend gets the gate: per head, before o_proj
             out = out * torch.sigmoid(gate).to(out.dtype)
         out = self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
         if dropout_p > 0:
@@ -488,19 +507,48 @@ def load_balance_loss(scores, topi, n_experts, top_k, alpha, seq_aux, token_mask
     return alpha * (f * p).sum()
 
 
+def dispatch_order(top_k_index, n_experts):
+    """Sort the (token, slot) pairs of top_k_index [N, k] by expert id -> (order, tokens per expert, inverse): row
+    order[j] // k of the input feeds sorted slot j, and sorted_output[inverse] is back in (token, slot) order."""
+    slot_expert = top_k_index.reshape(-1)  # [N*k], slot s belongs to token s // k
+    order = torch.argsort(slot_expert, stable=True)
+    # scatter_add has a static output shape (bincount's depends on the data: a graph break)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=top_k_index.device).scatter_add_(
+        0, slot_expert, torch.ones_like(slot_expert))
+    # a gather through the inverse permutation (deterministic, unlike index_add on CUDA)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return order, counts, inverse
+
+
+class MoEExperts(nn.ModuleList):
+    """The routed experts (a ModuleList of SwiGLU FFNs: state-dict keys experts.{i}.gate_proj.weight as MiniMind's),
+    callable with transformers' experts signature, which vLLM's Transformers backend replaces by its fused MoE."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        """hidden_states [N, H], top_k_index [N, k] expert ids, top_k_weights [N, k] -> sum_k weight * expert(x)."""
+        N, H = hidden_states.shape
+        k = top_k_index.shape[1]
+        order, counts, inverse = dispatch_order(top_k_index, len(self))
+        routed_in = hidden_states[order // k]
+        routed_out = torch.cat([expert(chunk) for expert, chunk in zip(self, routed_in.split(counts.tolist()))], dim=0)
+        routed_out = routed_out[inverse].view(N, k, H)
+        return (routed_out * top_k_weights.to(routed_out.dtype).unsqueeze(-1)).sum(dim=1)
+
+
 class MoEFeedForward(nn.Module):
     """Routed top-k SwiGLU experts plus always-on shared experts.
 
     Dispatch sorts the (token, slot) pairs by expert id and runs each expert once on its contiguous slice of rows.
     Training runs all experts through SwiGLUFunction (grouped GEMM where torch has one for the device, else a loop
-    over slices); inference calls the expert modules. Every expert runs, on an empty slice if it got no tokens, so
-    its weights are in the autograd graph with zero gradient (DDP without find_unused_parameters works).
+    over slices); inference calls self.experts(x, top_k_index, top_k_weights) (MoEExperts). Every expert runs, on an
+    empty slice if it got no tokens, so its weights are in the autograd graph with zero gradient (DDP without
+    find_unused_parameters works).
     """
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_routed_experts)])
+        self.experts = MoEExperts([FeedForward(config) for _ in range(config.n_routed_experts)])
         self.gate = MoEGate(config)
         self.shared_experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_shared_experts)])
 
@@ -509,24 +557,13 @@ class MoEFeedForward(nn.Module):
         k = self.gate.top_k
         flat = x.reshape(-1, H)
         scores, topw, topi = self.gate(flat)
-        slot_expert = topi.reshape(-1)  # [N*k], slot s belongs to token s // k
-        order = torch.argsort(slot_expert, stable=True)
-        # tokens per expert; scatter_add has a static output shape (bincount's depends on the data: a graph break)
-        counts = torch.zeros(self.gate.n_experts, dtype=torch.long, device=x.device).scatter_add_(
-            0, slot_expert, torch.ones_like(slot_expert))
-        routed_in = flat[order // k]
-        # back to (token, slot) order with a gather through the inverse permutation (deterministic, unlike
-        # index_add on CUDA)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         if torch.is_grad_enabled() and fusable(self.experts):
+            order, counts, inverse = dispatch_order(topi, self.gate.n_experts)
             # routing weights applied inside the function, which then needs no copy of the unweighted outputs
-            routed_out = swiglu_train(self.experts, routed_in, counts, scale=topw.reshape(-1)[order])
+            routed_out = swiglu_train(self.experts, flat[order // k], counts, scale=topw.reshape(-1)[order])
             y = routed_out[inverse].view(-1, k, H).sum(dim=1).view(B, T, H)
         else:
-            routed_out = torch.cat([expert(chunk) for expert, chunk in
-                                    zip(self.experts, routed_in.split(counts.tolist()))], dim=0)
-            routed_out = routed_out[inverse].view(-1, k, H)
-            y = (routed_out * topw.to(routed_out.dtype).unsqueeze(-1)).sum(dim=1).view(B, T, H)
+            y = self.experts(flat, topi, topw).view(B, T, H)
         for shared in self.shared_experts:
             y = y + shared(x)
         if self.training and self.config.aux_loss_alpha > 0:
@@ -550,9 +587,9 @@ class MiniMindBlock(GradientCheckpointingLayer):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, x, cos, sin, mask, token_mask=None, past_key_values=None, kv_len=None):
+    def forward(self, x, cos, sin, mask, token_mask=None, past_key_values=None, kv_len=None, **kwargs):
         # out-of-place adds keep the residual in the embedding dtype under autocast (MiniMind's += made it bf16)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, past_key_values, kv_len)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, past_key_values, kv_len, **kwargs)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoEFeedForward):
             m, aux = self.mlp(h, token_mask)
@@ -677,6 +714,9 @@ class MiniMindPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MiniMindBlock"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    # attention goes through transformers' registry when attn_implementation names another backend (vLLM's
+    # Transformers modeling backend requires this flag)
+    _supports_attention_backend = True
     supports_gradient_checkpointing = True
 
     def _init_weights(self, module):
@@ -762,6 +802,8 @@ class MiniMindModel(MiniMindPreTrainedModel):
                 use_cache=None, inputs_embeds=None, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        # the other kwargs go down to the attention function (a registry backend's own arguments, e.g. vLLM's)
+        return_dict = kwargs.pop("return_dict", None)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.dropout > 0 and self.training:
             x = F.dropout(x, self.dropout, True)
@@ -779,7 +821,11 @@ class MiniMindModel(MiniMindPreTrainedModel):
         past_len = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
 
         mask2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        mask = self.build_mask(attention_mask, past_len, T, x.device, position_ids)
+        if self.config._attn_implementation in OWN_ATTENTION:
+            mask = self.build_mask(attention_mask, past_len, T, x.device, position_ids)
+        else:
+            # a registry backend masks by itself (vLLM: causal within each request of its flattened batch)
+            mask = attention_mask
         if position_ids is None:
             if mask2d is not None:
                 # left padding: each row counts positions from its first real token
@@ -791,11 +837,13 @@ class MiniMindModel(MiniMindPreTrainedModel):
 
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
-            x, aux = layer(x, cos, sin, mask, token_mask, past_key_values=past_key_values, kv_len=past_len + T)
+            x, aux = layer(x, cos, sin, mask, token_mask, past_key_values=past_key_values, kv_len=past_len + T,
+                           **kwargs)
             if aux is not None:
                 aux_loss = aux_loss + aux
         x = self.norm(x)
-        return MiniMindModelOutput(last_hidden_state=x, past_key_values=past_key_values, aux_loss=aux_loss)
+        out = MiniMindModelOutput(last_hidden_state=x, past_key_values=past_key_values, aux_loss=aux_loss)
+        return out if return_dict is not False else out.to_tuple()
 
 
 class MiniMindForCausalLM(MiniMindPreTrainedModel, FastGenerationMixin):

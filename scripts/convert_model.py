@@ -142,7 +142,8 @@ def config_json(config, fmt: str, dtype: torch.dtype, tokenizer_ids: dict) -> tu
         target.pad_token_id = tokenizer_ids["pad_token_id"]
         d = target.to_dict()
         d["architectures"] = ["MiniMindForCausalLM"]
-        d["auto_map"] = {"AutoConfig": "model_minimind.MiniMindConfig",
+        # AutoModel (the base model) is what vLLM's Transformers modeling backend builds
+        d["auto_map"] = {"AutoConfig": "model_minimind.MiniMindConfig", "AutoModel": "model_minimind.MiniMindModel",
                          "AutoModelForCausalLM": "model_minimind.MiniMindForCausalLM"}
     d["dtype"] = d["torch_dtype"] = str(dtype).removeprefix("torch.")  # "torch_dtype" for transformers 4.x readers
     return d, target
@@ -304,6 +305,206 @@ def export_model(model, tokenizer, out, fmt: str = "hf", dtype: torch.dtype = to
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Export: native model -> one GGUF file (llama.cpp, ollama, LM Studio)
+
+GGUF_TYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+GGUF_FILE_TYPES = {"fp32": "ALL_F32", "fp16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+
+
+def gguf_refusal(config) -> str | None:
+    """Why llama.cpp has no architecture computing exactly this MiniMind model (None if it has one).
+
+    Dense -> llama. MoE -> bailingmoe, whose layer is MiniMind's: softmax router, top-k, weights renormalised when
+    expert_weights_norm (MiniMind: top_k > 1 and norm_topk_prob), plus ungated shared experts of the routed experts'
+    width added to the routed sum, plain GQA attention with RoPE. llama.cpp's qwen2moe gates its shared expert with a
+    sigmoid and does not renormalise, deepseek does not renormalise, qwen3moe has no shared expert."""
+    if config.headwise_attn_output_gate:
+        return ("--format gguf cannot represent this model: it has the head-wise attention output gate "
+                "(headwise_attn_output_gate=1), and no llama.cpp architecture gates attention per head. Serve it "
+                "with vLLM instead: --format hf, then `vllm serve DIR --model-impl transformers --trust-remote-code` "
+                "(docs/deploy.md)")
+    if config.use_moe and config.n_shared_experts < 1:
+        return ("--format gguf cannot represent this model: it is MoE without shared experts, and llama.cpp's MoE "
+                "architecture with MiniMind's routing (bailingmoe) requires them. Use --format hf with vLLM "
+                "(docs/deploy.md)")
+    if minimind_rope_scaling(config):
+        return ("--format gguf does not export --inference_rope_scaling: llama.cpp's YaRN multiplies attention by "
+                "1 + 0.1 ln(16) on top of MiniMind's attention_factor 1.0, so the file would not compute the same "
+                "model. Export without --inference_rope_scaling (positions up to 2048 are unaffected)")
+    return None
+
+
+def gguf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """q/k rows from MiniMind's rotate-half RoPE layout (halves of each head) to llama.cpp's pairwise one."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(config, sd: dict) -> dict:
+    """GGUF tensor name -> fp32 tensor, from a MiniMindForCausalLM state_dict (tied lm_head: llama uses token_embd,
+    bailingmoe requires an output tensor, so it gets a copy)."""
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    out = {"token_embd.weight": sd[EMBED_KEY], "output_norm.weight": sd["model.norm.weight"]}
+    if config.use_moe:
+        out["output.weight"] = sd[EMBED_KEY]
+    for i in range(config.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        out[b + "attn_norm.weight"] = sd[p + "input_layernorm.weight"]
+        out[b + "attn_q.weight"] = gguf_permute(sd[p + "self_attn.q_proj.weight"], n_heads)
+        out[b + "attn_k.weight"] = gguf_permute(sd[p + "self_attn.k_proj.weight"], n_kv)
+        out[b + "attn_v.weight"] = sd[p + "self_attn.v_proj.weight"]
+        out[b + "attn_output.weight"] = sd[p + "self_attn.o_proj.weight"]
+        out[b + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        if not config.use_moe:
+            for ours, theirs in [("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")]:
+                out[f"{b}{theirs}.weight"] = sd[f"{p}mlp.{ours}.weight"]
+            continue
+        out[b + "ffn_gate_inp.weight"] = sd[p + "mlp.gate.weight"]
+        for ours, theirs in [("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")]:
+            out[f"{b}ffn_{theirs}_exps.weight"] = torch.stack(
+                [sd[f"{p}mlp.experts.{e}.{ours}.weight"] for e in range(config.n_routed_experts)])
+            # several shared experts = one FFN of their summed width (rows of gate/up, columns of down)
+            shared = [sd[f"{p}mlp.shared_experts.{e}.{ours}.weight"] for e in range(config.n_shared_experts)]
+            out[f"{b}ffn_{theirs}_shexp.weight"] = torch.cat(shared, dim=1 if ours == "down_proj" else 0)
+    return {k: v.float() for k, v in out.items()}
+
+
+def gguf_vocab(tokenizer) -> tuple[list[str], list[int], list[str]]:
+    """(tokens by id, llama.cpp token types, merges) from the tokenizer's tokenizer.json (byte-level BPE)."""
+    import gguf
+    src = Path(tokenizer.name_or_path) / "tokenizer.json"
+    tj = json.loads(src.read_text(encoding="utf-8"))
+    model = tj["model"]
+    pre = tj.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+        raise UserError(f"{src}: GGUF export needs a byte-level BPE tokenizer with GPT-2 pre-tokenization (MiniMind's "
+                        f"own); this one has model {model.get('type')!r}, pre_tokenizer {pre.get('type')!r}")
+    size = max(len(tokenizer), max(model["vocab"].values()) + 1)
+    tokens, types = [f"[PAD{i}]" for i in range(size)], [gguf.TokenType.UNUSED] * size
+    for text, i in model["vocab"].items():
+        tokens[i], types[i] = text, gguf.TokenType.NORMAL
+    for t in tj.get("added_tokens", []):
+        # special tokens (<|im_end|>, ...) are control tokens; <think> and the like are matched in text like words
+        tokens[t["id"]] = t["content"]
+        types[t["id"]] = gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return tokens, [int(t) for t in types], merges
+
+
+def gguf_metadata(writer, config, tokenizer, name: str) -> None:
+    tokens, types, merges = gguf_vocab(tokenizer)
+    if len(tokens) != config.vocab_size:
+        raise UserError(f"the tokenizer has {len(tokens)} tokens but the model's vocab_size is {config.vocab_size}; "
+                        "pass the --tokenizer_path the model was trained with")
+    head_dim = config.hidden_size // config.num_attention_heads
+    writer.add_name(name)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(config.rope_theta))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if config.use_moe:
+        writer.add_expert_count(config.n_routed_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_shared_count(config.n_shared_experts)
+        writer.add_expert_feed_forward_length(config.intermediate_size)
+        writer.add_leading_dense_block_count(0)
+        # MiniMind renormalises the top-k weights only for k > 1 (MoEGate); no extra scale
+        writer.add_expert_weights_norm(bool(config.num_experts_per_tok > 1 and config.norm_topk_prob))
+        writer.add_expert_weights_scale(1.0)
+    ids = special_ids(tokenizer)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # ByteLevel with the GPT-2 split regex (checked in gguf_vocab)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(ids["bos_token_id"])
+    writer.add_eos_token_id(ids["eos_token_id"][0])  # <|im_end|>: end of a turn
+    if ids["pad_token_id"] is not None:
+        writer.add_pad_token_id(ids["pad_token_id"])
+    writer.add_add_bos_token(False)  # the chat template writes <|im_start|> itself
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(tokenizer.chat_template)
+
+
+def gguf_array(t: torch.Tensor, dtype: str):
+    """(numpy data, GGML type) of one tensor: 1-D tensors (norms) stay F32 as llama.cpp's own converter keeps them."""
+    import gguf
+    data = t.detach().to("cpu", torch.float32).contiguous().numpy()
+    qtype = gguf.GGMLQuantizationType[GGUF_TYPES[dtype]] if t.dim() > 1 else gguf.GGMLQuantizationType.F32
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return data.astype("float16"), qtype
+    if qtype in (gguf.GGMLQuantizationType.BF16, gguf.GGMLQuantizationType.Q8_0):
+        if qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
+            raise UserError(f"q8_0 needs rows that are a multiple of 32 values; a tensor has {data.shape[-1]}: "
+                            "use --dtype fp16")
+        return gguf.quants.quantize(data, qtype), qtype
+    return data, qtype
+
+
+def export_gguf(model, tokenizer, out, dtype: str = "fp16") -> Path:
+    """Write `model` (MiniMindForCausalLM, gate off) as one GGUF file (weights, tokenizer, chat template); returns its
+    path. Written beside `out` and renamed into place."""
+    import gguf
+    out = Path(out).resolve()
+    config = model.config
+    if gguf_refusal(config):
+        raise UserError(gguf_refusal(config))
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; --format gguf writes one file (e.g. --out MiniMind.gguf)")
+    sd = {k: v for k, v in model.state_dict().items() if k != TIED_KEY}
+    check_tensors(sd, {k: v for k, v in expected_tensors(MiniMindForCausalLM, config).items() if k != TIED_KEY},
+                  "export", "This is a bug in the converter.")
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(tmp), "bailingmoe" if config.use_moe else "llama")
+    try:
+        gguf_metadata(writer, config, tokenizer, out.stem)
+        writer.add_file_type(int(gguf.LlamaFileType[GGUF_FILE_TYPES[dtype]]))
+        for name, t in gguf_tensors(config, sd).items():
+            data, qtype = gguf_array(t, dtype)
+            writer.add_tensor(name, data, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def verify_gguf(out: Path, model, dtype: str) -> str:
+    """Read the file back (gguf's reader): every tensor equals the source mapped and rounded the same way, and the
+    metadata names the tokenizer and template. (Whether llama.cpp computes the same tokens: tests/test_deploy_gguf.py.)"""
+    import gguf
+    reader = gguf.GGUFReader(str(out))
+    sd = {k: v for k, v in model.state_dict().items() if k != TIED_KEY}
+    expected = gguf_tensors(model.config, sd)
+    got = {t.name: t for t in reader.tensors}
+    # GGUF lists dimensions innermost first
+    shapes = {k: torch.empty([int(n) for n in reversed(t.shape)], device="meta") for k, t in got.items()}
+    check_tensors(shapes, expected, f"verification of {out}", "This is a bug in the converter.")
+    worst = 0.0
+    for name, t in got.items():
+        data, qtype = gguf_array(expected[name], dtype)
+        back = gguf.quants.dequantize(t.data, t.tensor_type).reshape(expected[name].shape)
+        want = gguf.quants.dequantize(data, qtype).reshape(expected[name].shape)
+        worst = max(worst, float(abs(back.astype("float64") - want).max()))
+    if worst != 0.0:
+        raise UserError(f"verification failed: {out} holds tensors that differ from the source by up to {worst:.3g}")
+    template = reader.fields.get("tokenizer.chat_template")
+    if template is None:
+        raise UserError(f"verification failed: {out} has no chat template")
+    return f"verified: {len(got)} tensors read back equal to the source ({dtype}), chat template and tokenizer present"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -484,16 +685,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="MiniMind 权重格式转换 / convert native .pth <-> transformers folders",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
-    p.add_argument("--format", choices=["hf", "llama"], default="hf",
-                   help="导出格式 / export as: hf = MiniMind code + trust_remote_code (any model); "
-                        "llama = plain LlamaForCausalLM (dense, gate off)")
+    p.add_argument("--format", choices=["hf", "llama", "gguf"], default="hf",
+                   help="导出格式 / export as: hf = MiniMind code + trust_remote_code (any model; vLLM); "
+                        "llama = plain LlamaForCausalLM (dense, gate off); gguf = one llama.cpp file (gate off)")
     p.add_argument("--out", type=str, default=None,
                    help="导出目录 / output folder for the transformers model: new, empty, or an earlier export")
     p.add_argument("--overwrite", action="store_true",
                    help="允许写入非导出目录 / also write into a non-empty folder that is not an earlier export "
                         "(files of the export's names are replaced; nothing else is deleted)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp16",
-                   help="导出精度 / dtype of the exported tensors (fp16 = lossless from a native .pth)")
+    p.add_argument("--dtype", choices=[*DTYPES, "q8_0"], default="fp16",
+                   help="导出精度 / dtype of the exported tensors (fp16 = lossless from a native .pth; q8_0: gguf only)")
     p.add_argument("--from_hf", type=str, default=None,
                    help="导入: transformers 目录 -> 原生 .pth / import this folder into {save_dir}/{save_weight}_*.pth")
     p.add_argument("--save_weight", type=str, default=None, help="导入后的权重名 / weight name for --from_hf")
@@ -534,6 +735,11 @@ def main(argv=None):
     if is_hf_dir(args):
         raise UserError("--load_from points at a transformers folder; export reads native weights (--weight), "
                         "and --from_hf DIR imports a folder")
+    if args.format == "gguf":
+        return main_gguf(args)
+    if args.dtype == "q8_0":
+        raise UserError("--dtype q8_0 is a GGUF quantisation; use it with --format gguf (transformers folders take "
+                        "fp32, fp16 or bf16)")
     out = Path(args.out).resolve()
     prepare_out(out, args.overwrite)  # fail before loading anything
     model, tokenizer = load_model(args)
@@ -552,6 +758,32 @@ def main(argv=None):
         print(f"load it: AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)")
     else:
         print(f"load it: LlamaForCausalLM.from_pretrained('{out}')  |  vllm serve {out}")
+
+
+def main_gguf(args) -> None:
+    """--format gguf: native weights -> one GGUF file, read back and checked (--verify 1)."""
+    out = Path(args.out).resolve()
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; --format gguf writes one file (e.g. --out MiniMind.gguf)")
+    if any(p in out.parents for p in (ROOT / name for name in SOURCE_FOLDERS)):
+        raise UserError(f"--out {out} is inside this repository's source ({', '.join(SOURCE_FOLDERS)}); write the "
+                        "GGUF elsewhere, e.g. --out MiniMind.gguf")
+    if out.is_file() and not args.overwrite and out.read_bytes()[:4] != b"GGUF":
+        raise UserError(f"--out {out} exists and is not a GGUF file; choose a new name, or pass --overwrite to "
+                        "replace it")
+    model, tokenizer = load_model(args)
+    if gguf_refusal(model.config):
+        raise UserError(gguf_refusal(model.config))
+    out = export_gguf(model.eval(), tokenizer, out, args.dtype)
+    arch = "bailingmoe" if model.config.use_moe else "llama"
+    print(f"wrote {out} (gguf, {arch}, {args.dtype})")
+    if args.verify:
+        try:
+            print(verify_gguf(out, model, args.dtype))
+        except UserError as e:
+            out.unlink()
+            raise UserError(f"{e}; removed {out}") from None
+    print(f"run it: llama-cli -m {out}  |  python -c \"from llama_cpp import Llama; Llama('{out}')\"  (docs/deploy.md)")
 
 
 if __name__ == "__main__":

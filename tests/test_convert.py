@@ -67,11 +67,11 @@ def logits(model, ids=IDS):
         return model.float().eval()(ids).logits
 
 
-def make_chain_model(save_dir):
+def make_chain_model(save_dir, moe=True, gate=True):
     """A MoE + gate model whose greedy continuation of `a` is b, c, <|im_end|>, <|im_end|>, ...: every block's output
     projection is zero, so the residual stream is the token's embedding, and the tied embeddings put a, b, c, end on
     rays 60 degrees apart with radii 1, 3, 9, 27: each token's best match is the next; the final norm sharpens it."""
-    path = make_native(save_dir, moe=True, gate=True, std=0.02)
+    path = make_native(save_dir, moe=moe, gate=gate, std=0.02)
     sd = torch.load(path, weights_only=True)
     for k in sd:
         if k.endswith(("o_proj.weight", "down_proj.weight")):
