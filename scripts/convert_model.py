@@ -760,6 +760,11 @@ def main(argv=None):
         print(f"load it: LlamaForCausalLM.from_pretrained('{out}')  |  vllm serve {out}")
 
 
+def is_gguf_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def main_gguf(args) -> None:
     """--format gguf: native weights -> one GGUF file, read back and checked (--verify 1)."""
     out = Path(args.out).resolve()
@@ -768,7 +773,7 @@ def main_gguf(args) -> None:
     if any(p in out.parents for p in (ROOT / name for name in SOURCE_FOLDERS)):
         raise UserError(f"--out {out} is inside this repository's source ({', '.join(SOURCE_FOLDERS)}); write the "
                         "GGUF elsewhere, e.g. --out MiniMind.gguf")
-    if out.is_file() and not args.overwrite and out.read_bytes()[:4] != b"GGUF":
+    if out.is_file() and not args.overwrite and not is_gguf_file(out):
         raise UserError(f"--out {out} exists and is not a GGUF file; choose a new name, or pass --overwrite to "
                         "replace it")
     model, tokenizer = load_model(args)
