@@ -210,10 +210,11 @@ class Rollout:
         lead = max(int(am[:, :P].sum(dim=1).max()), 1)  # the longest prompt (left-padded) of these rows
         R = max(int(self.completion_mask[rows].sum(dim=1).max()), 1)
         cols = slice(P - lead, P + R)
-        ids = [self.prompts[i] for i in rows.tolist()]
+        picked = rows.tolist()
         return Rollout(input_ids=self.input_ids[rows][:, cols], attention_mask=am[:, cols], prompt_len=lead,
-                       completion_ids=self.completion_ids[rows][:, :R], completion_mask=self.completion_mask[rows][:, :R],
-                       completions=[self.completions[i] for i in rows.tolist()], prompts=ids,
+                       completion_ids=self.completion_ids[rows][:, :R],
+                       completion_mask=self.completion_mask[rows][:, :R],
+                       completions=[self.completions[i] for i in picked], prompts=[self.prompts[i] for i in picked],
                        truncated=self.truncated[rows] if self.truncated is not None else None)
 
 
