@@ -84,7 +84,8 @@ def add_rl_args(parser: argparse.ArgumentParser, *, beta: float = 0.02, max_gen_
     parser.add_argument("--mini_batch_size", type=int, default=0,
                         help="每个优化步的样本数 / completions per optimizer step per rank: a rollout batch "
                              "(--batch_size x --accumulation_steps prompts, x --num_generations in GRPO) is split "
-                             "into mini-batches of this size, one optimizer step each; 0 = the whole rollout batch")
+                             "into ceil(its size / this) near-equal mini-batches, one optimizer step each; 0 = the "
+                             "whole rollout batch in one step")
     return parser
 
 
