@@ -294,3 +294,27 @@ def test_dynamic_sampling_replaces_all_equal_groups_boundedly():
     b, extra = fill(["flat"] * 3)  # nothing informative to draw: 3 rounds, then the dropped group is kept
     assert extra == {"dynamic_rounds": float(train_grpo.DYNAMIC_ROUNDS), "dynamic_short": 1.0}
     assert b.rewards.tolist() == [1.0, 0.0, 0.0, 0.0] and b.answers == ["ok", "ok", "flat", "flat"]
+
+
+def test_non_finite_updates_inside_a_rollout_batch_are_skipped_then_the_run_stops(sft_copy, monkeypatch, capsys):
+    """The NaN guard counts optimizer steps, also the several of one rollout batch: steps 3 and 4 (the 2nd rollout
+    batch) and 5 are non-finite -> skipped, and the 3rd in a row stops the run inside the 3rd rollout batch; the
+    last save (step 4, at a rollout boundary: the skipped steps left the weights finite) is the good checkpoint."""
+    from trainer import rl_utils
+    real = rl_utils.policy_objective
+    calls = []
+
+    def poisoned(*a, **kw):
+        loss, st = real(*a, **kw)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) > 2 else loss), st
+    monkeypatch.setattr(rl_utils, "policy_objective", poisoned)
+    with pytest.raises(train_grpo.TrainLoop.__init__.__globals__["TrainingDiverged"]) as e:
+        run_main_in_process(train_grpo, monkeypatch, *TINY, *dirs(sft_copy), *RL, "--reasoning", "0",
+                            "--num_iterations", "2", "--max_steps", "8", "--save_interval", "2",
+                            "--max_bad_steps", "3")
+    assert "3 optimizer steps in a row" in str(e.value) and "(step 4)" in str(e.value)
+    out = capsys.readouterr().out
+    assert out.count("update skipped") == 3 and "step 5: non-finite" in out
+    saved = torch.load(sft_copy / "checkpoints" / "grpo_64_resume.pth", weights_only=True)
+    assert saved["opt_step"] == 4 and saved["bad_steps"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
