@@ -12,7 +12,7 @@
 GRPO and SPO hand a rollout batch to the loop (several optimizer steps per rollout, trainer/spine/loop.py):
     for batch in loop:                                   # one prompt batch per rollout
         b = sample_and_score(loop.raw_model, tokenizer, scorer, batch["prompt"], batch["answer"], args, ctx, G)
-        policy_updates(loop, b.rollout, advantages, args, ctx, ref_model=ref, metrics=rl_metrics(b, advantages))
+        policy_updates(loop, b.rollout, advantages, args, ctx, ref_model=ref, metrics=rl_metrics(b))
 
 Conventions every RL script relies on:
 - Prompts are left-padded (so all completions start at column P) and never lose their chat markup: a prompt longer
