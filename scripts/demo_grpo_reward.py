@@ -6,7 +6,7 @@
 The task (dataset/demo/make_demo.py, `addition_*`): a + b with 10 <= a, b <= 99, asked in Chinese or English; the
 answer is a column trace ("<think>\\n7+5=12, carry 1\\n3+4+1=8\\n</think>\\n<answer>\\n82\\n</answer>"). 150
 unordered operand pairs (297 ordered prompts) are held out: neither order of them appears in pretraining, SFT or RL.
-Per seed, every stage is the real script (commands printed): a 128x4 model is pretrained on worked sums as plain
+Per seed, every stage is the real script (commands printed): a 64x4 model is pretrained on worked sums as plain
 text, SFT'd on a few hundred chat traces (little on purpose, so the skill is partly learned), then GRPO'd with the
 rule reward only (1 when the final answer equals the sum) on 2000 other training prompts, once per objective in
 --objectives from the same SFT weights with the same rollout budget (steps x batch x generations). Held-out greedy
@@ -89,10 +89,10 @@ def one_seed(seed, data, args):
     common = ["--hidden_size", args.hidden_size, "--num_hidden_layers", args.num_hidden_layers, "--device", "cpu",
               "--dtype", "float32", "--num_workers", 0, "--save_dir", out, "--checkpoint_dir", ckpt, "--seed", seed]
     t = run("trainer/train_pretrain.py", *common, "--data_path", data / "pretrain.jsonl", "--max_seq_len", 160,
-            "--batch_size", 32, "--learning_rate", 3e-3, "--max_steps", args.pretrain_steps, "--log_interval", 20,
+            "--batch_size", 32, "--accumulation_steps", 1, "--learning_rate", 3e-3, "--max_steps", args.pretrain_steps, "--log_interval", 20,
             log=logs / "pretrain.log")
     t += run("trainer/train_full_sft.py", *common, "--data_path", data / "sft.jsonl", "--max_seq_len", 96,
-             "--batch_size", 16, "--learning_rate", 1e-3, "--epochs", args.sft_epochs, "--from_weight", "pretrain",
+             "--batch_size", 16, "--accumulation_steps", 1, "--learning_rate", 1e-3, "--epochs", args.sft_epochs, "--from_weight", "pretrain",
              "--log_interval", 10, log=logs / "sft.log")
     result = {"seed": seed, "full_sft": evaluate(out, "full_sft", data, logs, args), "seconds": {"pretrain+sft": t}}
     print(f"seed {seed}: SFT held-out greedy accuracy {result['full_sft']:.3f}", flush=True)
@@ -146,7 +146,7 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="one full pipeline per seed")
     p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES),
                    help="GRPO objectives to compare at equal rollouts")
-    p.add_argument("--hidden_size", type=int, default=128)
+    p.add_argument("--hidden_size", type=int, default=64)
     p.add_argument("--num_hidden_layers", type=int, default=4)
     p.add_argument("--heldout_pairs", type=int, default=150, help="unordered operand pairs held out (both orders)")
     p.add_argument("--pretrain_docs", type=int, default=4000, help="plain-text documents of 6 worked sums")
@@ -154,15 +154,15 @@ def main():
     p.add_argument("--sft_examples", type=int, default=300, help="chat traces for SFT")
     p.add_argument("--sft_epochs", type=int, default=2)
     p.add_argument("--rl_prompts", type=int, default=2000, help="GRPO training prompts (disjoint from SFT's)")
-    p.add_argument("--rollout_batches", type=int, default=50,
+    p.add_argument("--rollout_batches", type=int, default=30,
                    help="GRPO rollout batches per objective (optimizer steps: x its updates per batch)")
     p.add_argument("--batch_size", type=int, default=8, help="GRPO prompts per rollout batch")
     p.add_argument("--num_generations", type=int, default=8)
-    p.add_argument("--grpo_lr", type=float, default=2e-4)
+    p.add_argument("--grpo_lr", type=float, default=3e-4)
     p.add_argument("--beta", type=float, default=0.02)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max_gen_len", type=int, default=40)
-    p.add_argument("--eval_every", type=int, default=25,
+    p.add_argument("--eval_every", type=int, default=10,
                    help="held-out eval_accuracy logged every N rollout batches during GRPO (--eval_interval)")
     p.add_argument("--report", action="store_true",
                    help="only print the table of the seeds already in --workdir (seed*/result.json)")
