@@ -1,132 +1,185 @@
-"""Watch GRPO raise the checkable reward of a tiny model on the demo arithmetic prompts (CPU, a few minutes).
+"""Proof that RL here improves a skill on prompts it never trained on: two-digit addition with a worked trace.
 
-    python scripts/demo_grpo_reward.py                 # pretrain -> SFT -> GRPO, then reward before vs after
-    python scripts/demo_grpo_reward.py --skip_base     # reuse the pretrain/SFT weights already in --workdir
+    python scripts/demo_grpo_reward.py                       # seeds 1 and 2: pretrain -> SFT -> GRPO (both objectives)
+    python scripts/demo_grpo_reward.py --seeds 1 --objectives grpo
 
-Every stage is the real script with small flags (the commands are printed). The reward is the rule-based
-checkable reward only (--reasoning 0, no reward model): 1 when the completion's last number equals the prompt's
-answer in dataset/demo/rlaif.jsonl, else 0, so the mean reward is the accuracy of the sampled completions.
-GRPO trains on the first --num_prompts prompts (64: each is revisited ~20 times in 160 steps; a 1.7M-parameter model
-learns arithmetic far too slowly from a binary reward to show progress on all 500 within minutes).
-Printed at the end: the per-step training reward (medians over the first and the last window of steps) and the
-sampled accuracy (T=0.8, same seed) of the SFT model and of the GRPO model on the training prompts and on held-out
-prompts of the same file. One run (2 CPU cores, ~5 min): training reward median 0.141 (steps 1-20) -> 0.266
-(steps 141-160); sampled accuracy on the 64 training prompts 0.141 -> 0.246, on 128 held-out prompts 0.133 -> 0.129
-(the gain does not transfer to unseen sums at this size).
+The task (dataset/demo/make_demo.py, `addition_*`): a + b with 10 <= a, b <= 99, asked in Chinese or English; the
+answer is a column trace ("<think>\\n7+5=12, carry 1\\n3+4+1=8\\n</think>\\n<answer>\\n82\\n</answer>"). 150
+unordered operand pairs (297 ordered prompts) are held out: neither order of them appears in pretraining, SFT or RL.
+Per seed, every stage is the real script (commands printed): a 64x4 model is pretrained on worked sums as plain
+text, SFT'd on a few hundred chat traces (little on purpose, so the skill is partly learned), then GRPO'd with the
+rule reward only (1 when the final answer equals the sum) on 2000 other training prompts, once per objective in
+--objectives from the same SFT weights with the same rollout budget (steps x batch x generations). Held-out greedy
+accuracy (scripts/eval_answers.py) is measured for the SFT model and for each GRPO model; the run also logs
+eval_accuracy every --eval_every steps (--eval_interval). The table at the end lists every seed, the mean and the
+spread (max - min). Measured numbers and the exact command are in the README's GRPO section.
 """
 import argparse
 import json
-import math
+import os
+import random
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DEMO = ROOT / "dataset" / "demo"
+sys.path.insert(0, str(ROOT / "dataset" / "demo"))
+
+import make_demo  # noqa: E402
+
+# The objectives the table compares, at equal rollouts: (flags, optimizer steps per rollout batch). "recommended" is
+# the README's recommendation for GRPO-family runs (DAPO token normalisation, clip-higher, each rollout used twice).
+OBJECTIVES = {
+    "grpo": (["--loss_type", "grpo", "--num_iterations", "1"], 1),
+    "recommended": (["--loss_type", "dapo", "--epsilon_high", "0.28", "--num_iterations", "2"], 2),
+}
 
 
-def run(script, *flags):
+def run(script, *flags, log):
+    """One stage as a subprocess, its output in `log`; returns the seconds it took."""
     cmd = [sys.executable, str(ROOT / script), *map(str, flags)]
-    print(f"\n=== {' '.join(cmd[1:])}", flush=True)
+    print(f"=== python {' '.join(str(c) for c in cmd[1:])}\n    (log: {log})", flush=True)
     t0 = time.time()
-    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-        sys.exit(f"{script} failed")
-    print(f"=== done in {time.time() - t0:.0f}s", flush=True)
+    with open(log, "w") as f:
+        if subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+            sys.exit(f"{script} failed; see {log}")
+    return time.time() - t0
 
 
-def sampled_accuracy(weight_file, args, scorer, indices, temperature, samples=4, seed=0):
-    """Mean checkable reward of `samples` sampled completions for each demo RL prompt in `indices`."""
-    import torch
+def write_jsonl(path, rows):
+    """Write only when the bytes differ, through a rename: a second invocation (another seed) started beside a
+    running one never shows it a half-written file."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
-    from dataset.lm_dataset import RLAIFDataset
-    from model.model_minimind import MiniMindForCausalLM
-    from trainer.rl_utils import rollout
-    from trainer.trainer_utils import load_weights, model_config_from_args
 
-    tok = scorer.tokenizer
-    config = model_config_from_args(args)
-    model = MiniMindForCausalLM(config)
-    load_weights(model, str(weight_file), config)
-    model.eval()
-    ds = RLAIFDataset(DEMO / "rlaif.jsonl", tok)
-    torch.manual_seed(seed)
-    rewards = []
-    for s in range(0, len(indices), 16):
-        items = [ds[i] for i in indices[s:s + 16]]
-        ro = rollout(model, tok, [it["prompt"] for it in items], num_return_sequences=samples,
-                     max_new_tokens=args.max_gen_len, max_prompt_len=args.max_seq_len, temperature=temperature)
-        r, _ = scorer(ro.prompts, ro.completions, [it["answer"] for it in items for _ in range(samples)])
-        rewards += r.tolist()
-    return sum(rewards) / len(rewards)
+def make_task(data: Path, args):
+    """The task's files (same bytes for every seed: the seeds vary the models, not the data)."""
+    train, heldout = make_demo.addition_splits(args.heldout_pairs)
+    sft_pairs, rl_pairs = train[:args.sft_examples], train[args.sft_examples:args.sft_examples + args.rl_prompts]
+    rng = random.Random(0)
+    data.mkdir(parents=True, exist_ok=True)
+    write_jsonl(data / "pretrain.jsonl", make_demo.addition_pretrain(train, rng, args.pretrain_docs))
+    write_jsonl(data / "sft.jsonl", make_demo.addition_rows(sft_pairs, rng))
+    write_jsonl(data / "rl_train.jsonl", make_demo.addition_rows(rl_pairs, rng, trace=False))
+    write_jsonl(data / "heldout.jsonl", make_demo.addition_rows(heldout, rng, trace=False))
+    return len(heldout)
+
+
+def evaluate(out, weight, data, logs, args):
+    res = out / f"eval_{weight}.json"
+    run("scripts/eval_answers.py", "--weight", weight, "--save_dir", out, "--data_path", data / "heldout.jsonl",
+        "--device", "cpu", "--dtype", "float32", "--max_new_tokens", args.max_gen_len, "--max_prompt_len", 64,
+        "--seed", 0, "--out", res, log=logs / f"eval_{weight}.log")
+    return json.loads(res.read_text())["accuracy"]
+
+
+def one_seed(seed, data, args):
+    work = Path(args.workdir) / f"seed{seed}"
+    out, ckpt, logs = work / "out", work / "checkpoints", work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    common = ["--hidden_size", args.hidden_size, "--num_hidden_layers", args.num_hidden_layers, "--device", "cpu",
+              "--dtype", "float32", "--num_workers", 0, "--save_dir", out, "--checkpoint_dir", ckpt, "--seed", seed]
+    t = run("trainer/train_pretrain.py", *common, "--data_path", data / "pretrain.jsonl", "--max_seq_len", 160,
+            "--batch_size", 32, "--accumulation_steps", 1, "--learning_rate", 3e-3, "--max_steps", args.pretrain_steps, "--log_interval", 20,
+            log=logs / "pretrain.log")
+    t += run("trainer/train_full_sft.py", *common, "--data_path", data / "sft.jsonl", "--max_seq_len", 96,
+             "--batch_size", 16, "--accumulation_steps", 1, "--learning_rate", 1e-3, "--epochs", args.sft_epochs, "--from_weight", "pretrain",
+             "--log_interval", 10, log=logs / "sft.log")
+    result = {"seed": seed, "full_sft": evaluate(out, "full_sft", data, logs, args), "seconds": {"pretrain+sft": t}}
+    print(f"seed {seed}: SFT held-out greedy accuracy {result['full_sft']:.3f}", flush=True)
+    batches_per_epoch = args.rl_prompts // args.batch_size
+
+    def grpo(name):
+        flags, steps_per_batch = OBJECTIVES[name]
+        weight = f"grpo_{name}"
+        took = run("trainer/train_grpo.py", *common, "--data_path", data / "rl_train.jsonl", "--max_seq_len", 64,
+                   "--reasoning", 0, "--reward_model_path", "none", "--from_weight", "full_sft",
+                   "--save_weight", weight, "--num_generations", args.num_generations, "--batch_size",
+                   args.batch_size, "--max_gen_len", args.max_gen_len, "--temperature", args.temperature,
+                   "--learning_rate", args.grpo_lr, "--beta", args.beta,
+                   "--max_steps", args.rollout_batches * steps_per_batch,
+                   "--epochs", -(-args.rollout_batches // batches_per_epoch), "--log_interval", steps_per_batch,
+                   "--save_interval", 10 ** 6, "--eval_interval", args.eval_every * steps_per_batch,
+                   "--eval_data_path", data / "heldout.jsonl", *flags, log=logs / f"{weight}.log")
+        return name, evaluate(out, weight, data, logs, args), took
+
+    # one process per objective, side by side (both start from the same SFT weights)
+    with ThreadPoolExecutor(len(args.objectives)) as pool:
+        for name, acc, took in pool.map(grpo, args.objectives):
+            result[name], result["seconds"][name] = acc, took
+            print(f"seed {seed}: {name} held-out greedy accuracy {acc:.3f} ({took:.0f}s)", flush=True)
+    (work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def report(results, objectives, n_heldout, args):
+    cols = ["full_sft"] + objectives
+    print(f"\nHeld-out greedy accuracy (pass@1) on {n_heldout} prompts never trained on; GRPO: "
+          f"{args.rollout_batches} rollout batches x {args.batch_size} prompts x {args.num_generations} samples per "
+          "objective (equal rollouts)")
+    print("| seed | " + " | ".join(cols) + " | wall s: pretrain+SFT, " + ", ".join(objectives) + " |")
+    print("|---" * (len(cols) + 2) + "|")
+    for r in results:
+        secs = ", ".join(f"{r['seconds'][k]:.0f}" for k in ["pretrain+sft"] + objectives)
+        print(f"| {r['seed']} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + f" | {secs} |")
+    means = {c: statistics.mean(r[c] for r in results) for c in cols}
+    spread = {c: max(r[c] for r in results) - min(r[c] for r in results) for c in cols}
+    print("| mean (spread) | " + " | ".join(f"{means[c]:.3f} ({spread[c]:.3f})" for c in cols) + " | |")
+    for c in objectives:
+        print(f"{c}: held-out greedy accuracy {means['full_sft']:.3f} -> {means[c]:.3f} "
+              f"({100 * (means[c] - means['full_sft']):+.1f} points, mean of {len(results)} seed(s))")
 
 
 def main():
-    p = argparse.ArgumentParser(description="GRPO reward demo on dataset/demo/rlaif.jsonl",
+    p = argparse.ArgumentParser(description="Held-out GRPO demo: two-digit addition with worked traces",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--workdir", type=str, default=str(ROOT / "out" / "demo_grpo"), help="weights and logs go here")
-    p.add_argument("--hidden_size", type=int, default=128)
+    p.add_argument("--workdir", type=str, default=str(ROOT / "out" / "demo_grpo"), help="data, weights, logs")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="one full pipeline per seed")
+    p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES),
+                   help="GRPO objectives to compare at equal rollouts")
+    p.add_argument("--hidden_size", type=int, default=64)
     p.add_argument("--num_hidden_layers", type=int, default=4)
-    p.add_argument("--pretrain_steps", type=int, default=150)
-    p.add_argument("--sft_epochs", type=int, default=3)
-    p.add_argument("--num_prompts", type=int, default=64, help="GRPO trains on the first N prompts of rlaif.jsonl")
-    p.add_argument("--grpo_steps", type=int, default=160)
-    p.add_argument("--grpo_lr", type=float, default=3e-4)
+    p.add_argument("--heldout_pairs", type=int, default=150, help="unordered operand pairs held out (both orders)")
+    p.add_argument("--pretrain_docs", type=int, default=4000, help="plain-text documents of 6 worked sums")
+    p.add_argument("--pretrain_steps", type=int, default=100)
+    p.add_argument("--sft_examples", type=int, default=300, help="chat traces for SFT")
+    p.add_argument("--sft_epochs", type=int, default=2)
+    p.add_argument("--rl_prompts", type=int, default=2000, help="GRPO training prompts (disjoint from SFT's)")
+    p.add_argument("--rollout_batches", type=int, default=30,
+                   help="GRPO rollout batches per objective (optimizer steps: x its updates per batch)")
+    p.add_argument("--batch_size", type=int, default=8, help="GRPO prompts per rollout batch")
     p.add_argument("--num_generations", type=int, default=8)
-    p.add_argument("--batch_size", type=int, default=8, help="GRPO prompts per step")
-    p.add_argument("--max_gen_len", type=int, default=10)
-    p.add_argument("--window", type=int, default=20, help="steps per window for the start/end medians")
-    p.add_argument("--heldout_prompts", type=int, default=128, help="evaluated from the end of rlaif.jsonl")
-    p.add_argument("--skip_base", action="store_true", help="reuse pretrain/SFT weights in --workdir")
+    p.add_argument("--grpo_lr", type=float, default=3e-4)
+    p.add_argument("--beta", type=float, default=0.02)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max_gen_len", type=int, default=40)
+    p.add_argument("--eval_every", type=int, default=10,
+                   help="held-out eval_accuracy logged every N rollout batches during GRPO (--eval_interval)")
+    p.add_argument("--report", action="store_true",
+                   help="only print the table of the seeds already in --workdir (seed*/result.json)")
     args = p.parse_args()
-    args.use_moe, args.headwise_attn_output_gate, args.max_seq_len = 0, 1, 96
 
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    out, ckpt = work / "out", work / "checkpoints"
-    common = ["--hidden_size", args.hidden_size, "--num_hidden_layers", args.num_hidden_layers, "--device", "cpu",
-              "--num_workers", "0", "--max_seq_len", args.max_seq_len, "--save_dir", out, "--checkpoint_dir", ckpt]
-    if not args.skip_base:
-        run("trainer/train_pretrain.py", *common, "--data_path", DEMO / "pretrain.jsonl", "--batch_size", 16,
-            "--learning_rate", 3e-3, "--accumulation_steps", 1, "--max_steps", args.pretrain_steps,
-            "--log_interval", 50)
-        run("trainer/train_full_sft.py", *common, "--data_path", DEMO / "sft.jsonl", "--batch_size", 16,
-            "--learning_rate", 2e-3, "--epochs", args.sft_epochs, "--log_interval", 50)
-    metrics = ckpt / f"grpo_{args.hidden_size}_metrics.jsonl"
-    if metrics.exists():
-        metrics.unlink()  # a fresh GRPO run, not a resume
-    lines = (DEMO / "rlaif.jsonl").read_text(encoding="utf-8").splitlines()
-    subset = work / f"rlaif_first{args.num_prompts}.jsonl"
-    subset.write_text("\n".join(lines[:args.num_prompts]) + "\n", encoding="utf-8")
-    run("trainer/train_grpo.py", *common, "--data_path", subset, "--reasoning", 0,
-        "--reward_model_path", "none", "--from_weight", "full_sft", "--num_generations", args.num_generations,
-        "--batch_size", args.batch_size, "--max_gen_len", args.max_gen_len, "--learning_rate", args.grpo_lr,
-        "--max_steps", args.grpo_steps, "--log_interval", 1, "--save_interval", 1000,
-        "--epochs", math.ceil(args.grpo_steps * args.batch_size / args.num_prompts))
-
-    rewards = [json.loads(line)["reward"] for line in metrics.read_text().splitlines()]
-    w = min(args.window, len(rewards) // 2)
-    first, last = statistics.median(rewards[:w]), statistics.median(rewards[-w:])
-    print(f"\nGRPO training reward (mean checkable reward of the {args.batch_size}x{args.num_generations} sampled "
-          f"completions per step), {len(rewards)} steps:")
-    print(f"  median of steps 1-{w}: {first:.3f}   median of steps {len(rewards) - w + 1}-{len(rewards)}: {last:.3f}")
-    n = len(rewards)
-    print("  per-window means: " + " ".join(f"{statistics.mean(rewards[i:i + w]):.2f}" for i in range(0, n, w)))
-    train_idx = list(range(args.num_prompts))
-    heldout_idx = list(range(len(lines) - args.heldout_prompts, len(lines)))
-    from trainer.rl_utils import RewardScorer
-    from trainer.trainer_utils import load_tokenizer
-    scorer = RewardScorer(argparse.Namespace(reasoning=0, reward_model_path="none", answer_reward=1.0),
-                          load_tokenizer(str(ROOT / "model")), "cpu")
-    print("  sampled accuracy, 4 samples per prompt at T=0.8 (same seed for both models):")
-    for name in ("full_sft", "grpo"):
-        weights = out / f"{name}_{args.hidden_size}.pth"
-        train_acc = sampled_accuracy(weights, args, scorer, train_idx, 0.8)
-        heldout_acc = sampled_accuracy(weights, args, scorer, heldout_idx, 0.8)
-        print(f"  {name:8s}: {train_acc:.3f} on the {len(train_idx)} training prompts, {heldout_acc:.3f} on "
-              f"{len(heldout_idx)} held-out prompts")
+    data = Path(args.workdir) / "data"
+    n_heldout = make_task(data, args)
+    if args.report:
+        results = [json.loads(f.read_text()) for f in sorted(Path(args.workdir).glob("seed*/result.json"))]
+        if not results:
+            sys.exit(f"no seed*/result.json in {args.workdir}; run the demo first")
+        report(results, [o for o in OBJECTIVES if all(o in r for r in results)], n_heldout, args)
+        return
+    t0 = time.time()
+    results = [one_seed(seed, data, args) for seed in args.seeds]
+    report(results, args.objectives, n_heldout, args)
+    print(f"total {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def test_reference_answer_from_numbers_and_traces():
     ref = answer_eval.reference_answer
     assert ref("82") == "82" and ref(" -3 ") == "-3" and ref("1,024") == "1,024"
     assert ref("<think>\n7+5=12, carry 1\n3+4+1=8\n</think>\n<answer>\n82\n</answer>") == "82"
-    assert ref("<answer>2.5</answer>") == "2.5"
+    assert ref("<answer>2.5</answer>") == "2.5" and ref("<answer>x = 1234567.5</answer>") == "1234567.5"
     assert ref("The capital is Paris.") is None and ref("<answer>Paris</answer>") is None
     assert ref("5+4=9.") is None  # a sentence is no reference answer, even with a number in it
 
@@ -119,19 +119,21 @@ def test_grpo_with_eval_interval_trains_the_same_weights(tiny_random, tmp_path, 
     held = tmp_path / "held.jsonl"
     held.write_text("".join(DEMO.joinpath("rlaif.jsonl").read_text().splitlines(keepends=True)[-8:]))
     states = {}
-    for name, extra in (("plain", []), ("eval", ["--eval_interval", "2", "--eval_data_path", held])):
+    for name, extra in (("plain", []), ("eval", ["--eval_interval", "3", "--eval_data_path", held])):
         shutil.copytree(tiny_random / "out", tmp_path / name / "out")
         run_main_in_process(train_grpo, monkeypatch, *TINY, *dirs(tmp_path / name), "--data_path",
                             DEMO / "rlaif.jsonl", "--from_weight", "pretrain", "--reasoning", "0",
                             "--reward_model_path", "none", "--max_gen_len", "6", "--num_generations", "3",
-                            "--batch_size", "2", "--learning_rate", "1e-3", "--max_steps", "3", "--log_interval", "1",
+                            "--batch_size", "2", "--learning_rate", "1e-3", "--num_iterations", "2",
+                            "--max_steps", "6", "--log_interval", "2",
                             "--save_interval", "100", *extra)
         ckp = torch.load(tmp_path / name / "checkpoints" / "grpo_64_resume.pth", weights_only=True)
         states[name] = ckp["model"]
     assert states["plain"].keys() == states["eval"].keys()
     assert all(torch.equal(states["plain"][k], states["eval"][k]) for k in states["plain"])
     rows = read_metrics(tmp_path / "eval", "grpo")
-    assert [r["global_step"] for r in rows if "eval_accuracy" in r] == [2, 3]  # every 2 steps and the last
+    # two optimizer steps per rollout batch: step 4 is the first boundary past a multiple of 3; 6 is the last
+    assert [r["global_step"] for r in rows if "eval_accuracy" in r] == [4, 6]
     assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in rows if "eval_accuracy" in r)
     assert "eval_accuracy" not in read_metrics(tmp_path / "plain", "grpo")[-1]
     assert "eval_accuracy" in capsys.readouterr().out

@@ -248,3 +248,73 @@ def test_torchrun_with_the_new_objective_flags(sft_copy):
                 "truncated"):
         assert key in rows[0], key
     assert rows[0]["approx_kl"] == 0.0
+
+
+def test_scale_rewards_group_batch_none_by_hand():
+    r = torch.tensor([1.0, 0.0, 3.0, 3.0])  # two groups of 2
+    group, _ = train_grpo.advantages_of(r, 2, "group")
+    assert group.tolist() == pytest.approx([0.5 / (0.5 + 1e-4), -0.5 / (0.5 + 1e-4), 0.0, 0.0])
+    none, _ = train_grpo.advantages_of(r, 2, "none")
+    assert none.tolist() == [0.5, -0.5, 0.0, 0.0]
+    batch, _ = train_grpo.advantages_of(r, 2, "batch")
+    std = r.std(unbiased=False).item()  # 1.299: the whole batch's population std
+    assert batch.tolist() == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.0, 0.0], rel=1e-6)
+    one, extra = train_grpo.advantages_of(r, 1, "none")  # a group of one: the batch mean is the baseline
+    assert one.tolist() == pytest.approx([-0.75, -1.75, 1.25, 1.25]) and extra["baseline"].item() == 1.75
+    assert train_grpo.zero_std_groups(r, 2).tolist() == [False, True]
+
+
+def test_dynamic_sampling_replaces_all_equal_groups_boundedly():
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from trainer.rl_utils import RolloutBatch
+    tok = load_tokenizer(str(ROOT / "model"))
+    model = tiny_model(seed=1)
+
+    def scorer(prompts, completions, answers):  # "flat" prompts: both samples 0; others: 0 then 1
+        return torch.tensor([0.0 if a == "flat" else float(i % 2) for i, a in enumerate(answers)]), {}
+
+    args = SimpleNamespace(num_generations=2, seed=0, max_gen_len=4, max_seq_len=64, temperature=1.0)
+    ctx = SimpleNamespace(rank=0, autocast=nullcontext)
+
+    def first_batch():
+        ro = rollout(model, tok, PROMPTS, num_return_sequences=2, max_new_tokens=4, max_prompt_len=64)
+        return RolloutBatch(ro, torch.tensor([1.0, 0.0, 0.0, 0.0]), {}, ["ok", "ok", "flat", "flat"])
+
+    def fill(answers):
+        data = [{"prompt": PROMPTS[0], "answer": a} for a in answers]
+        loop = SimpleNamespace(dataset=data, raw_model=model, global_step=0)
+        return train_grpo.fill_informative_groups(first_batch(), loop, tok, scorer, args, ctx)
+
+    b, extra = fill(["ok"] * 3)  # one extra round finds an informative group
+    assert extra == {"dynamic_rounds": 1.0, "dynamic_short": 0.0}
+    assert b.rewards.tolist() == [1.0, 0.0, 0.0, 1.0] and len(b.rollout.completions) == 4
+    assert not train_grpo.zero_std_groups(b.rewards, 2).any()
+    b, extra = fill(["flat"] * 3)  # nothing informative to draw: 3 rounds, then the dropped group is kept
+    assert extra == {"dynamic_rounds": float(train_grpo.DYNAMIC_ROUNDS), "dynamic_short": 1.0}
+    assert b.rewards.tolist() == [1.0, 0.0, 0.0, 0.0] and b.answers == ["ok", "ok", "flat", "flat"]
+
+
+def test_non_finite_updates_inside_a_rollout_batch_are_skipped_then_the_run_stops(sft_copy, monkeypatch, capsys):
+    """The NaN guard counts optimizer steps, also the several of one rollout batch: steps 3 and 4 (the 2nd rollout
+    batch) and 5 are non-finite -> skipped, and the 3rd in a row stops the run inside the 3rd rollout batch; the
+    last save (step 4, at a rollout boundary: the skipped steps left the weights finite) is the good checkpoint."""
+    from trainer import rl_utils
+    real = rl_utils.policy_objective
+    calls = []
+
+    def poisoned(*a, **kw):
+        loss, st = real(*a, **kw)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) > 2 else loss), st
+    monkeypatch.setattr(rl_utils, "policy_objective", poisoned)
+    with pytest.raises(train_grpo.TrainLoop.__init__.__globals__["TrainingDiverged"]) as e:
+        run_main_in_process(train_grpo, monkeypatch, *TINY, *dirs(sft_copy), *RL, "--reasoning", "0",
+                            "--num_iterations", "2", "--max_steps", "8", "--save_interval", "2",
+                            "--max_bad_steps", "3")
+    assert "3 optimizer steps in a row" in str(e.value) and "(step 4)" in str(e.value)
+    out = capsys.readouterr().out
+    assert out.count("update skipped") == 3 and "step 5: non-finite" in out
+    saved = torch.load(sft_copy / "checkpoints" / "grpo_64_resume.pth", weights_only=True)
+    assert saved["opt_step"] == 4 and saved["bad_steps"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())

@@ -17,8 +17,8 @@ from conftest import ROOT
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.rl_utils import (DEFAULT_REWARD_MODEL_PATH, RewardScorer, answer_reward, check_reward_source,
                               completion_logprobs, completion_mask_from_ids, encode_prompts, final_answer, fit_prompt,
-                              format_reward, frozen_copy, k3_kl, load_rl_dataset, masked_mean, prompt_messages,
-                              rollout, selected_logprobs)
+                              concat_rollouts, format_reward, frozen_copy, k3_kl, load_rl_dataset, masked_mean,
+                              prompt_messages, rollout, selected_logprobs)
 from trainer.trainer_utils import UserError, load_tokenizer
 
 PROMPTS = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
@@ -204,6 +204,26 @@ def test_left_padded_logprobs_equal_each_sequence_alone(tok):
         alone, _ = completion_logprobs(model, ids, torch.ones_like(ids), p)
         n = int(ro.completion_mask[i].sum())
         torch.testing.assert_close(logp[i, :n], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_selected_rows_drop_shared_padding_and_score_the_same(tok):
+    """Rollout.select (the update's chunks) trims columns that are padding in every chosen row; the log-probs of the
+    rows do not change; concat_rollouts re-pads parts into one batch (dynamic sampling)."""
+    model = tiny_model()
+    torch.manual_seed(0)
+    ro = rollout(model, tok, PROMPTS, num_return_sequences=2, max_new_tokens=8, max_prompt_len=200)
+    assert ro.truncated.tolist() == [not bool((row == tok.eos_token_id).any()) for row in ro.completion_ids]
+    logp, _ = completion_logprobs(model, ro)
+    short = ro.select(torch.tensor([0, 1]))  # the short prompt's rows: its left padding goes
+    assert short.prompt_len == int(ro.attention_mask[0, :ro.prompt_len].sum()) < ro.prompt_len
+    sub_logp, _ = completion_logprobs(model, short)
+    n = short.completion_ids.shape[1]
+    torch.testing.assert_close(sub_logp, logp[:2, :n], atol=1e-5, rtol=1e-5)
+    both = concat_rollouts([short, ro.select(torch.tensor([2, 3]))], pad_id=tok.pad_token_id)
+    assert both.prompt_len == ro.prompt_len and both.completions == ro.completions
+    again, _ = completion_logprobs(model, both)
+    m = both.completion_mask
+    torch.testing.assert_close(again * m, logp[:, :again.shape[1]] * m, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("moe,dtype", [(False, torch.float32), (True, torch.bfloat16)])

@@ -38,7 +38,7 @@ def reference_answer(text: str) -> str | None:
     if not ANSWER_BLOCK.search(text or ""):
         return None
     value = final_answer(text)
-    return None if value is None else f"{value:g}" if value != int(value) else str(int(value))
+    return None if value is None else str(int(value)) if value == int(value) else repr(value)
 
 
 def load_answer_set(path: str, tokenizer, limit: int = 0) -> tuple[list[str], list[str]]:

@@ -12,7 +12,7 @@
 GRPO and SPO hand a rollout batch to the loop (several optimizer steps per rollout, trainer/spine/loop.py):
     for batch in loop:                                   # one prompt batch per rollout
         b = sample_and_score(loop.raw_model, tokenizer, scorer, batch["prompt"], batch["answer"], args, ctx, G)
-        policy_updates(loop, b.rollout, advantages, args, ctx, ref_model=ref, metrics=rl_metrics(b, advantages))
+        policy_updates(loop, b.rollout, advantages, args, ctx, ref_model=ref, metrics=rl_metrics(b))
 
 Conventions every RL script relies on:
 - Prompts are left-padded (so all completions start at column P) and never lose their chat markup: a prompt longer
@@ -85,7 +85,8 @@ def add_rl_args(parser: argparse.ArgumentParser, *, beta: float = 0.02, max_gen_
     parser.add_argument("--mini_batch_size", type=int, default=0,
                         help="每个优化步的样本数 / completions per optimizer step per rank: a rollout batch "
                              "(--batch_size x --accumulation_steps prompts, x --num_generations in GRPO) is split "
-                             "into mini-batches of this size, one optimizer step each; 0 = the whole rollout batch")
+                             "into ceil(its size / this) near-equal mini-batches, one optimizer step each; 0 = the "
+                             "whole rollout batch in one step")
     return parser
 
 
@@ -178,10 +179,11 @@ class Rollout:
         lead = max(int(am[:, :P].sum(dim=1).max()), 1)  # the longest prompt (left-padded) of these rows
         R = max(int(self.completion_mask[rows].sum(dim=1).max()), 1)
         cols = slice(P - lead, P + R)
-        ids = [self.prompts[i] for i in rows.tolist()]
+        picked = rows.tolist()
         return Rollout(input_ids=self.input_ids[rows][:, cols], attention_mask=am[:, cols], prompt_len=lead,
-                       completion_ids=self.completion_ids[rows][:, :R], completion_mask=self.completion_mask[rows][:, :R],
-                       completions=[self.completions[i] for i in rows.tolist()], prompts=ids,
+                       completion_ids=self.completion_ids[rows][:, :R],
+                       completion_mask=self.completion_mask[rows][:, :R],
+                       completions=[self.completions[i] for i in picked], prompts=[self.prompts[i] for i in picked],
                        truncated=self.truncated[rows] if self.truncated is not None else None)
 
 

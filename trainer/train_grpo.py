@@ -188,7 +188,8 @@ def main():
     check_reward_source(scorer, dataset, args.data_path)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_rl,
-                     config=config, stage="GRPO", tokenizer=tokenizer, evaluate=PeriodicEval(args, tokenizer, ctx, model),
+                     config=config, stage="GRPO", tokenizer=tokenizer,
+                     evaluate=PeriodicEval(args, tokenizer, ctx, model),
                      rollout=RolloutUpdates(args.num_iterations, args.mini_batch_size, args.num_generations),
                      run_name=f"MiniMind-GRPO-Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
     Logger(describe_objective(args) + f", rewards scaled by {args.scale_rewards} std"

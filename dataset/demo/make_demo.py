@@ -317,6 +317,54 @@ def make_rlaif(rng, n):
     return rows
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Column addition with a worked trace (scripts/demo_grpo_reward.py): its own files, written by that script
+
+def column_trace(a, b):
+    """The worked answer for a + b (two-digit operands): ones with carry, tens with the carry, the sum."""
+    o, t = a % 10 + b % 10, a // 10 + b // 10 + (a % 10 + b % 10) // 10
+    think = f"{a % 10}+{b % 10}={o}, carry {o // 10}\n{a // 10}+{b // 10}+{o // 10}={t}"
+    return f"<think>\n{think}\n</think>\n<answer>\n{a + b}\n</answer>"
+
+
+def column_text(a, b):
+    """The same procedure as plain pretraining text."""
+    o, t = a % 10 + b % 10, a // 10 + b // 10 + (a % 10 + b % 10) // 10
+    return f"{a}+{b}: {a % 10}+{b % 10}={o}, carry {o // 10}; {a // 10}+{b // 10}+{o // 10}={t}; so {a}+{b}={a + b}."
+
+
+def addition_splits(heldout_pairs, split_seed=0):
+    """(train, heldout) lists of ordered operand pairs (a, b), 10 <= a, b <= 99. The held-out set is every order of
+    `heldout_pairs` unordered pairs drawn with split_seed; train is every other pair, shuffled. Disjoint by the
+    unordered pair, so no held-out sum appears anywhere in training, not even with its operands swapped."""
+    rng = random.Random(split_seed)
+    unordered = [(a, b) for a in range(10, 100) for b in range(a, 100)]
+    rng.shuffle(unordered)
+    held = set(unordered[:heldout_pairs])
+    train = [(a, b) for a in range(10, 100) for b in range(10, 100) if (min(a, b), max(a, b)) not in held]
+    heldout = sorted({(a, b) for x, y in held for a, b in ((x, y), (y, x))})
+    rng.shuffle(train)
+    rng.shuffle(heldout)
+    return train, heldout
+
+
+def addition_rows(pairs, rng, trace=True):
+    """SFT/RLAIF conversations for the pairs: a zh or en question, the worked trace (trace=True) or the bare sum as
+    the checkable last message."""
+    rows = []
+    for a, b in pairs:
+        lang = "zh" if rng.random() < 0.5 else "en"
+        answer = column_trace(a, b) if trace else str(a + b)
+        rows.append({"conversations": [{"role": "user", "content": arithmetic_question(rng, a, b, lang)},
+                                       {"role": "assistant", "content": answer}]})
+    return rows
+
+
+def addition_pretrain(pairs, rng, docs, per_doc=6):
+    """Plain-text documents of worked sums drawn from `pairs` (the training pairs only)."""
+    return [{"text": " ".join(column_text(*rng.choice(pairs)) for _ in range(per_doc))} for _ in range(docs)]
+
+
 IDENTITY_Q = [
     ("你是谁？", "zh"), ("你叫什么名字？", "zh"), ("介绍一下你自己。", "zh"), ("你是哪个模型？", "zh"),
     ("谁开发了你？", "zh"), ("你能做什么？", "zh"),
