@@ -417,15 +417,16 @@ def resolve_reward_model_path(value: str | None) -> tuple[str | None, bool]:
 
 
 def _rank0_first(fn):
-    """Run fn on rank 0 first, then on the others (remote-code module caches are written once, not raced)."""
+    """Run fn on global rank 0 first, then on the first rank of every other node, then on the rest: a remote-code
+    module cache (one per machine unless shared) is written once per machine, never raced."""
     if not dist.is_initialized():
         return fn()
-    if dist.get_rank() == 0:
-        result = fn()
+    phase = 0 if dist.get_rank() == 0 else 1 if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 2
+    result = None
+    for p in range(3):
+        if p == phase:
+            result = fn()
         dist.barrier()
-    else:
-        dist.barrier()
-        result = fn()
     return result
 
 

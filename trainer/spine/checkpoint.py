@@ -260,13 +260,14 @@ def lm_checkpoint(config, weight="full_sft", model=None, optimizer=None, epoch=0
     """
     path = resume_path(save_dir, weight, config)
     if model is None:
-        if not os.path.exists(path):
-            return None
-        fix = "delete it (or pass --from_resume 0) to start over; the weights in --save_dir are not affected"
-        ckp = load_torch_file(path, "resume file", fix)
-        missing = [k for k in ("model", "epoch", "samples") if not isinstance(ckp, dict) or k not in ckp]
-        if missing:
-            raise UserError(f"resume file {path} is not a resume checkpoint of this repo (no {missing}); {fix}")
+        ckp = None
+        if os.path.exists(path):
+            fix = "delete it (or pass --from_resume 0) to start over; the weights in --save_dir are not affected"
+            ckp = load_torch_file(path, "resume file", fix)
+            missing = [k for k in ("model", "epoch", "samples") if not isinstance(ckp, dict) or k not in ckp]
+            if missing:
+                raise UserError(f"resume file {path} is not a resume checkpoint of this repo (no {missing}); {fix}")
+        _same_resume_everywhere(path, ckp)
         return ckp
     m = unwrap(model)
     weights = trainable_state_dict(m)
@@ -284,6 +285,23 @@ def lm_checkpoint(config, weight="full_sft", model=None, optimizer=None, epoch=0
                 (v.state_dict() if hasattr(v, "state_dict") else v)
     atomic_save(state, path)
     return path
+
+
+def _same_resume_everywhere(path: str, ckp: dict | None) -> None:
+    """Every rank reads the resume file from its own disk. On several machines a checkpoints/ that is neither shared
+    nor copied to every node would let one node resume while another starts over: stop on every rank instead."""
+    if not dist.is_initialized():
+        return
+    import socket
+    mine = (socket.gethostname(), None if ckp is None else (ckp.get("opt_step"), ckp.get("samples")))
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, mine)
+    if any(s[1] != seen[0][1] for s in seen):
+        r = next(i for i, s in enumerate(seen) if s[1] != seen[0][1])
+        what = lambda s: "no file" if s[1] is None else f"step {s[1][0]}"  # noqa: E731
+        raise UserError(f"resume file {path}: rank 0 (host {seen[0][0]}) has {what(seen[0])} but rank {r} (host "
+                        f"{seen[r][0]}) has {what(seen[r])}; on several machines --checkpoint_dir must be shared "
+                        "(e.g. NFS) or copied to every node before --from_resume 1")
 
 
 def resume_path(checkpoint_dir: str, weight: str, config) -> str:
