@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.trainer_utils import Logger, UserError, root_path, str2bool_int, unwrap, user_path
+from trainer.trainer_utils import Logger, UserError, is_sharded, root_path, str2bool_int, unwrap, user_path
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -219,7 +219,10 @@ def rollout(model, tokenizer, prompts: list[str], *, num_return_sequences: int =
     try:
         out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                              max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
-                             pad_token_id=pad, eos_token_id=eos, use_cache=True, **gen_kw)
+                             pad_token_id=pad, eos_token_id=eos, use_cache=True, **gen_kw,
+                             # --fsdp 1: every forward all-gathers the layers, so a rank that has finished keeps
+                             # stepping until all have
+                             synced_gpus=is_sharded(model))
     finally:
         model.train(was_training)
     P = enc["input_ids"].shape[1]

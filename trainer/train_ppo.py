@@ -54,8 +54,8 @@ from torch import nn
 from dataset.lm_dataset import collate_rl
 from trainer.rl_utils import (RewardScorer, add_rl_args, check_reward_source, check_rl_args, completion_logprobs,
                               frozen_copy, k3_kl, load_rl_dataset, masked_mean, rl_from_weight, rollout)
-from trainer.trainer_utils import (Logger, TrainLoop, UserError, build_optimizer, build_parser, init_model, init_run,
-                                   model_config_from_args, parse_args, run_main)
+from trainer.trainer_utils import (Logger, TrainLoop, UserError, build_optimizer, build_parser, full_state_dict,
+                                   init_model, init_run, model_config_from_args, parse_args, run_main)
 
 
 class CriticModel(nn.Module):
@@ -191,7 +191,7 @@ def main(argv=None, reward_model=None):
     deterministic = config.dropout == 0  # train-mode forward == eval-mode forward (MoE routing is mode-free)
     for batch in loop:
         if loop.opt_step % args.update_old_actor_freq == 0 and synced_at != loop.opt_step:
-            old_actor.load_state_dict(actor.state_dict())
+            old_actor.load_state_dict(full_state_dict(actor))  # --fsdp 1: gathers the shards
             synced_at = loop.opt_step
         old_is_actor = deterministic and synced_at == loop.opt_step
         # sampling depends only on (seed, rank, step), so a resumed run draws the same rollouts

@@ -25,13 +25,15 @@ from torch.utils.data import DataLoader, Sampler
 
 from dataset.lm_dataset import GROUP_CHUNK, GROUP_FILL, group_by_length
 from model.model_minimind import MiniMindConfig
-from trainer.spine.checkpoint import (lm_checkpoint, load_trainable_state_dict, read_sidecar, resume_path,
+from trainer.spine.checkpoint import (gather_module_state, gather_train_state, lm_checkpoint, load_optimizer_state,
+                                      load_trainable_state_dict, optimizer_owner, read_sidecar, resume_path,
                                       save_weights, sidecar_path, weight_path)
 from trainer.spine.common import Logger, UserError
 from trainer.spine.guards import (EXIT_SIGNAL, StopSignals, TrainingDiverged, TrainingStopped, check_writable_dir,
                                   ignore_stop_signals_in_worker, remove_stale_temps)
 from trainer.spine.logs import MetricsFile, NoOpWandb, init_wandb  # noqa: F401 (re-exported)
-from trainer.spine.runtime import RunContext, cleanup_distributed, enable_grad_checkpointing, unwrap, wrap_model
+from trainer.spine.runtime import (RunContext, cleanup_distributed, enable_grad_checkpointing, grad_norm, is_sharded,
+                                   no_sync, unwrap, wrap_model)
 
 
 def get_lr(step: float, total_steps: float, lr: float, warmup: int = 0) -> float:
@@ -281,13 +283,16 @@ class TrainLoop:
             raise UserError(f"resume file {path} holds optimizers {sorted(ckp.get('optimizer', {}))}, "
                             f"this script has {sorted(self.optimizers)}; pass --from_resume 0")
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(ckp["optimizer"][name])
+            load_optimizer_state(optimizer_owner(opt, self._modules()), opt, ckp["optimizer"][name], path)
         if "scaler" in ckp:
             self.scaler.load_state_dict(ckp["scaler"])
         for name, obj in self.resume_objects.items():
             if name not in ckp:
                 raise UserError(f"resume file {path} has no '{name}' state; pass --from_resume 0")
-            obj.load_state_dict(ckp[name])
+            if isinstance(obj, torch.nn.Module) and is_sharded(obj):
+                load_trainable_state_dict(obj, ckp[name], path)
+            else:
+                obj.load_state_dict(ckp[name])
         self.start_epoch, self.skip_samples = ckp["epoch"], ckp["samples"]
         # the order the interrupted epoch was grouped by (older files: ungrouped), so it continues exactly
         self.resumed_order = ckp.get("data_order", {"group_size": 0, "width": 0})
@@ -306,9 +311,14 @@ class TrainLoop:
                    f"{self.opt_step}; training continues from step {self.opt_step} and the next save replaces it")
 
     # -- wrapping
+    def _modules(self) -> list:
+        """Every module an optimizer may update: the model, what wrap() wrapped, module resume objects."""
+        return [self.raw_model, *self._wrapped,
+                *(v for v in self.resume_objects.values() if isinstance(v, torch.nn.Module))]
+
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """DDP/compile-wrap a trainable module; no_sync is applied to it on accumulation micro-steps."""
-        wrapped = wrap_model(module, self.ctx, compile=self._compile)
+        wrapped = wrap_model(module, self.ctx, compile=self._compile, optimizers=self.optimizers.values())
         self._wrapped.append(wrapped)
         return wrapped
 
@@ -356,8 +366,7 @@ class TrainLoop:
                             with contextlib.ExitStack() as stack:
                                 if k < len(window) - 1:  # gradients are all-reduced once, on the window's last
                                     for m in self._wrapped:
-                                        if isinstance(m, DistributedDataParallel):
-                                            stack.enter_context(m.no_sync())
+                                        stack.enter_context(no_sync(m))
                                 batch = _to_device(batch, ctx.device, pin)
                                 yield _mark_dynamic(batch) if self._compile else batch
                             if not self._backward_called:
@@ -479,10 +488,7 @@ class TrainLoop:
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
             if not params:
                 continue
-            if self.args.grad_clip > 0:
-                norms[name] = torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip)
-            else:
-                norms[name] = torch.nn.utils.get_total_norm([p.grad for p in params])
+            norms[name] = grad_norm(params, self.args.grad_clip)
         for name, gn in norms.items():
             self._grad_norms[f"grad_norm_{name}" if name else "grad_norm"] = gn.detach()
         finite = bool(torch.isfinite(torch.stack([gn.float() for gn in norms.values()])).all()) if norms else True
@@ -559,18 +565,25 @@ class TrainLoop:
     def save(self, epoch: int, samples: int) -> None:
         """Weights (fp16 + sidecar) and the resume file (fp32 + optimizer + data position), rank 0 only.
         Both describe the same optimizer step; both refuse non-finite weights."""
-        if not self.ctx.is_main or self._saved_at == self.opt_step or self.updates == 0:
+        sharded = is_sharded(self.raw_model)  # FSDP: gathering the shards to rank 0 takes every rank
+        if not (self.ctx.is_main or sharded) or self._saved_at == self.opt_step or self.updates == 0:
             return
         self._saved_at = self.opt_step
         m = unwrap(self.raw_model)
+        states = gather_train_state(m, self.optimizers, self._modules())
+        extras = {k: gather_module_state(v) if isinstance(v, torch.nn.Module) and is_sharded(v) else v
+                  for k, v in self.resume_objects.items()}
+        if not self.ctx.is_main:
+            return
         was_training = m.training
         m.eval()
-        save_weights(self.weights_state(m), self.weights_path, self.config, tokenizer=self.tokenizer,
+        weights = states["model"] if sharded else self.weights_state(m)  # FSDP: the gathered full state
+        save_weights(weights, self.weights_path, self.config, tokenizer=self.tokenizer,
                      stage=self.stage, weight=self.args.save_weight, epoch=epoch, step=self.opt_step,
                      global_step=self.opt_step, tokenizer_path=getattr(self.args, "tokenizer_path", None),
                      args=vars(self.args))
-        extras = {"scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, **self.resume_objects}
-        lm_checkpoint(self.config, self.weight_name, model=m, optimizer=self.optimizers, epoch=epoch, step=self.step,
+        extras = {"scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, **extras}
+        lm_checkpoint(self.config, self.weight_name, model=m, states=states, epoch=epoch, step=self.step,
                       wandb=self.wandb, save_dir=self.args.checkpoint_dir, samples=samples,
                       global_step=self.global_step, opt_step=self.opt_step, weights_step=self.opt_step,
                       bad_steps=self.bad_steps, empty_windows=self.empty_windows,
@@ -579,7 +592,7 @@ class TrainLoop:
         self._last_save = (self.resume_path, self.opt_step)
 
     def finish(self) -> None:
-        if self.ctx.ddp:
+        if self.ctx.ddp and not is_sharded(self.raw_model):  # FSDP keeps no replicas to compare
             self.check_replicas_in_sync()
         Logger(f"done: {self.weights_path} (step {self.opt_step})")
         self.wandb.finish()
