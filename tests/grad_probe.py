@@ -1,11 +1,13 @@
 """Run training scripts in one process and record the gradient of their first optimizer step (a test helper).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/grad_probe.py JOBS.json
-    JOBS.json: [{"script": "trainer/train_full_sft.py", "args": [...], "grads": "out.pt" or null}, ...]
+    JOBS.json: [{"script": "trainer/train_full_sft.py", "args": [...], "grads": "out.pt" or null,
+                 "copy": [src_dir, dst_dir] (optional: rank 0 copies a folder before the job)}, ...]
 
 Each job runs the real script as __main__ (sys.argv patched). With "grads", rank 0 saves {name: grad} of the
 trainable parameters as the first optimizer step sees them (after DDP's all-reduce, before clipping/stepping).
-Used by tests/test_long_runs.py to compare 2 ranks with 1 rank inside a single torchrun launch.
+Used by tests/test_long_runs.py to compare 2 ranks with 1 rank inside a single torchrun launch, and by
+tests/test_fsdp.py to run a chain of DDP and FSDP runs (and resumes of copies of their checkpoints) in one launch.
 """
 import json
 import os
@@ -47,6 +49,11 @@ def main():
     dist.init_process_group("gloo")
     trainer.spine.loop.cleanup_distributed = dist.barrier
     for job in jobs:
+        if job.get("copy"):
+            if dist.get_rank() == 0:
+                import shutil
+                shutil.copytree(*job["copy"])
+            dist.barrier()
         original = record_first_step(job.get("grads"))
         sys.argv = [str(ROOT / job["script"]), *map(str, job["args"])]
         try:

@@ -50,7 +50,7 @@ from model import chat_format
 from model.chat_format import prompt_messages
 from trainer.rl_objectives import (IS_LEVELS, LOSS_TYPES, default_epsilon_high, k3_kl,  # noqa: F401 (re-exported)
                                    masked_mean, objective_units, policy_objective)
-from trainer.trainer_utils import Logger, UserError, root_path, str2bool_int, unwrap, user_path
+from trainer.trainer_utils import Logger, UserError, is_sharded, root_path, str2bool_int, unwrap, user_path
 
 # The reference's default (../../internlm2-1_8b-reward from trainer/), written relative to the repo root.
 DEFAULT_REWARD_MODEL_PATH = "../internlm2-1_8b-reward"
@@ -241,7 +241,10 @@ def rollout(model, tokenizer, prompts: list[str], *, num_return_sequences: int =
     try:
         out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                              max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
-                             pad_token_id=pad, eos_token_id=eos, use_cache=True, **gen_kw)
+                             pad_token_id=pad, eos_token_id=eos, use_cache=True, **gen_kw,
+                             # --fsdp 1: every forward all-gathers the layers, so a rank that has finished keeps
+                             # stepping until all have
+                             synced_gpus=is_sharded(model))
     finally:
         model.train(was_training)
     P = enc["input_ids"].shape[1]
@@ -404,15 +407,16 @@ def resolve_reward_model_path(value: str | None) -> tuple[str | None, bool]:
 
 
 def _rank0_first(fn):
-    """Run fn on rank 0 first, then on the others (remote-code module caches are written once, not raced)."""
+    """Run fn on global rank 0 first, then on the first rank of every other node, then on the rest: a remote-code
+    module cache (one per machine unless shared) is written once per machine, never raced."""
     if not dist.is_initialized():
         return fn()
-    if dist.get_rank() == 0:
-        result = fn()
+    phase = 0 if dist.get_rank() == 0 else 1 if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 2
+    result = None
+    for p in range(3):
+        if p == phase:
+            result = fn()
         dist.barrier()
-    else:
-        dist.barrier()
-        result = fn()
     return result
 
 

@@ -62,6 +62,7 @@ from trainer.rl_utils import (RewardScorer, add_rl_args, check_reward_source, ch
                               frozen_copy, frozen_logprobs, k3_kl, load_rl_dataset, masked_mean, reference_policy,
                               rl_from_weight, rl_metrics, rollout_forward, sample_and_score)
 from trainer.trainer_utils import (Logger, RolloutUpdates, TrainLoop, UserError, build_optimizer, build_parser,
+                                   full_state_dict,
                                    init_model, init_run, model_config_from_args, parse_args, run_main)
 
 
@@ -231,7 +232,7 @@ def main(argv=None, reward_model=None):
         # the old actor is synced at the first rollout boundary of each span of N optimizer steps (stateless, so a
         # resumed run syncs where the uninterrupted one did)
         if old_actor is not None and loop.opt_step % N_sync < S and synced_at != loop.opt_step:
-            old_actor.load_state_dict(actor.state_dict())
+            old_actor.load_state_dict(full_state_dict(actor))  # --fsdp 1: gathers the shards
             synced_at = loop.opt_step
         behaviour = old_actor if old_actor is not None else loop.raw_model
         behaviour_is_actor = old_actor is None or (deterministic and synced_at == loop.opt_step)

@@ -49,12 +49,12 @@ from trainer.spine.flags import (  # noqa: E402,F401
     validate_args,
 )
 from trainer.spine.runtime import (  # noqa: E402,F401
-    cleanup_distributed, cpu_has_fast_bf16, enable_grad_checkpointing, init_distributed_mode, init_run, reduce_mean,
-    resolve_dtype, run_main, RunContext, setup_seed, unwrap, wrap_model,
+    cleanup_distributed, cpu_has_fast_bf16, enable_grad_checkpointing, init_distributed_mode, init_run, is_sharded,
+    reduce_mean, resolve_dtype, run_main, RunContext, setup_seed, unwrap, wrap_model,
 )
 from trainer.spine.checkpoint import (  # noqa: E402,F401
-    ARCH_FLAGS, atomic_save, atomic_write_text, check_tokenizer, init_model, lm_checkpoint, load_tokenizer,
-    load_torch_file, load_trainable_state_dict, load_weights, model_config_from_args, read_sidecar, resume_path,
+    ARCH_FLAGS, atomic_save, atomic_write_text, check_tokenizer, full_state_dict, init_model, lm_checkpoint,
+    load_tokenizer, load_torch_file, load_trainable_state_dict, load_weights, model_config_from_args, read_sidecar, resume_path,
     save_weights, sidecar_path, tokenizer_fingerprint, trainable_state_dict, weight_path,
 )
 from trainer.spine.logs import init_wandb, MetricsFile, NoOpWandb  # noqa: E402,F401

@@ -10,11 +10,13 @@ import shutil
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from model.model_minimind import ARCH_FLAGS, MiniMindConfig, MiniMindForCausalLM, count_params
 from trainer.spine.common import Logger, UserError, root_path
 from trainer.spine.guards import SaveError, TrainingDiverged, all_finite
-from trainer.spine.runtime import unwrap
+from trainer.spine.runtime import is_sharded, unwrap
 from util.files import load_torch_file, read_sidecar, sidecar_path  # noqa: F401 (re-exported)
 
 
@@ -248,31 +250,36 @@ def init_model(config: MiniMindConfig, from_weight: str = "pretrain", tokenizer_
 
 
 def lm_checkpoint(config, weight="full_sft", model=None, optimizer=None, epoch=0, step=0, wandb=None,
-                  save_dir=root_path("checkpoints"), **kwargs):
+                  save_dir=root_path("checkpoints"), states: dict | None = None, **kwargs):
     """Save (model given) or load (model None) {save_dir}/{weight}_{h}{_moe}_resume.pth.
 
     Saved: fp32 model state (trainable tensors only when part of the model is frozen, e.g. LoRA), optimizer state
     (or a list of them), epoch, step, world_size, wandb run id, and every extra kwarg (objects with state_dict()
-    are stored as their state). Load returns that dict, or None when there is no resume file.
+    are stored as their state). `states`: the model and optimizer states already gathered by gather_train_state
+    (full tensors keyed by names), used instead of model's and optimizer's own. Load returns that dict, or None
+    when there is no resume file.
     """
     path = resume_path(save_dir, weight, config)
     if model is None:
-        if not os.path.exists(path):
-            return None
-        fix = "delete it (or pass --from_resume 0) to start over; the weights in --save_dir are not affected"
-        ckp = load_torch_file(path, "resume file", fix)
-        missing = [k for k in ("model", "epoch", "samples") if not isinstance(ckp, dict) or k not in ckp]
-        if missing:
-            raise UserError(f"resume file {path} is not a resume checkpoint of this repo (no {missing}); {fix}")
+        ckp = None
+        if os.path.exists(path):
+            fix = "delete it (or pass --from_resume 0) to start over; the weights in --save_dir are not affected"
+            ckp = load_torch_file(path, "resume file", fix)
+            missing = [k for k in ("model", "epoch", "samples") if not isinstance(ckp, dict) or k not in ckp]
+            if missing:
+                raise UserError(f"resume file {path} is not a resume checkpoint of this repo (no {missing}); {fix}")
+        _same_resume_everywhere(path, ckp)
         return ckp
     m = unwrap(model)
-    weights = trainable_state_dict(m)
+    weights = states["model"] if states is not None else trainable_state_dict(m)
     if not all_finite(weights):
         raise TrainingDiverged(f"the model holds NaN/inf weights; the resume file {path} was not written")
     state = {"model": weights, "epoch": epoch, "step": step,
              "world_size": dist.get_world_size() if dist.is_initialized() else 1,
              "wandb_id": getattr(wandb, "id", None)}
-    if optimizer is not None:
+    if states is not None:
+        state["optimizer"] = states["optimizer"]
+    elif optimizer is not None:
         state["optimizer"] = {k: o.state_dict() for k, o in optimizer.items()} if isinstance(optimizer, dict) \
             else optimizer.state_dict()
     for k, v in kwargs.items():
@@ -281,6 +288,23 @@ def lm_checkpoint(config, weight="full_sft", model=None, optimizer=None, epoch=0
                 (v.state_dict() if hasattr(v, "state_dict") else v)
     atomic_save(state, path)
     return path
+
+
+def _same_resume_everywhere(path: str, ckp: dict | None) -> None:
+    """Every rank reads the resume file from its own disk. On several machines a checkpoints/ that is neither shared
+    nor copied to every node would let one node resume while another starts over: stop on every rank instead."""
+    if not dist.is_initialized():
+        return
+    import socket
+    mine = (socket.gethostname(), None if ckp is None else (ckp.get("opt_step"), ckp.get("samples")))
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, mine)
+    if any(s[1] != seen[0][1] for s in seen):
+        r = next(i for i, s in enumerate(seen) if s[1] != seen[0][1])
+        what = lambda s: "no file" if s[1] is None else f"step {s[1][0]}"  # noqa: E731
+        raise UserError(f"resume file {path}: rank 0 (host {seen[0][0]}) has {what(seen[0])} but rank {r} (host "
+                        f"{seen[r][0]}) has {what(seen[r])}; on several machines --checkpoint_dir must be shared "
+                        "(e.g. NFS) or copied to every node before --from_resume 1")
 
 
 def resume_path(checkpoint_dir: str, weight: str, config) -> str:
@@ -309,7 +333,9 @@ def load_trainable_state_dict(model: torch.nn.Module, sd: dict, path: str) -> No
     if bad:
         raise UserError(f"resume file {path} has other shapes for {bad[:3]} (e.g. {tuple(sd[bad[0]].shape)} vs "
                         f"{tuple(current[bad[0]].shape)}); use the flags of the run that wrote it, or --from_resume 0")
-    if expected == set(current):
+    if is_sharded(model):  # every rank holds the full file; each keeps its own shard of every tensor
+        set_model_state_dict(unwrap(model), sd, options=StateDictOptions(full_state_dict=True, strict=True))
+    elif expected == set(current):
         model.load_state_dict(sd, strict=True)
     else:
         params = dict(model.named_parameters())
@@ -363,3 +389,60 @@ def check_resume_identity(ckp: dict, identity: dict, path: str) -> None:
         raise UserError(f"resume file {path} belongs to another run ({_describe(recorded)}), not this one "
                         f"({_describe(identity)}); pass another --save_weight for this run, or delete the resume "
                         "file (or pass --from_resume 0) to start this one over")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume state that loads into DDP or FSDP at any world size: full tensors keyed by parameter names
+
+_FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def optimizer_owner(opt: torch.optim.Optimizer, modules) -> torch.nn.Module:
+    """The module (unwrapped) whose parameters `opt` updates, e.g. PPO's critic for the critic optimizer."""
+    first = opt.param_groups[0]["params"][0]
+    for m in modules:
+        m = unwrap(m)
+        if any(p is first for p in m.parameters()):
+            return m
+    raise RuntimeError("optimizer_owner: no module holds this optimizer's parameters")
+
+
+def gather_train_state(model: torch.nn.Module, optimizers: dict, modules) -> dict:
+    """{"model": full fp32 state on CPU, "optimizer": {name: full state keyed by parameter names}}.
+
+    Under FSDP a collective that every rank calls: the shards are gathered one tensor at a time to rank 0 (CPU),
+    the other ranks get empty dicts, so no rank but 0 ever holds a full copy. Otherwise local (rank 0 alone calls it).
+    Optimizer state keyed by names (not by position) is what lets a DDP run resume under FSDP and back, on any
+    number of ranks (set_optimizer_state_dict re-shards it)."""
+    m = unwrap(model)
+    weights = get_model_state_dict(m, options=_FULL_ON_RANK0) if is_sharded(m) else trainable_state_dict(m)
+    opt = {name: get_optimizer_state_dict(optimizer_owner(o, modules), o, options=_FULL_ON_RANK0)
+           for name, o in optimizers.items()}
+    return {"model": weights, "optimizer": opt}
+
+
+def gather_module_state(module: torch.nn.Module) -> dict:
+    """A module's full state on rank 0 (FSDP: collective; every rank calls it), else its plain state_dict."""
+    m = unwrap(module)
+    return get_model_state_dict(m, options=_FULL_ON_RANK0) if is_sharded(m) else m.state_dict()
+
+
+def full_state_dict(module: torch.nn.Module) -> dict:
+    """The module's full state on every rank (FSDP: all-gathered, a collective), e.g. to copy a sharded policy into
+    an unsharded frozen one (PPO's old actor)."""
+    m = unwrap(module)
+    return get_model_state_dict(m, options=StateDictOptions(full_state_dict=True)) if is_sharded(m) \
+        else m.state_dict()
+
+
+def load_optimizer_state(owner: torch.nn.Module, opt: torch.optim.Optimizer, osd: dict, path: str) -> None:
+    """Inverse of gather_train_state's optimizer part; files of older versions (state keyed by position) load into
+    the same optimizer layout without FSDP."""
+    groups = osd.get("param_groups") or [{}]
+    if groups[0].get("params") and isinstance(groups[0]["params"][0], str):
+        set_optimizer_state_dict(unwrap(owner), opt, osd, options=StateDictOptions(full_state_dict=True))
+    elif is_sharded(owner):
+        raise UserError(f"resume file {path} keeps its optimizer state by position (written before --fsdp existed); "
+                        "resume it once with --fsdp 0 (the next save stores it by name), then switch to --fsdp 1")
+    else:
+        opt.load_state_dict(osd)

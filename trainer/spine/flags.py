@@ -75,6 +75,10 @@ def build_parser(description: str, skip: tuple[str, ...] = (), **defaults) -> ar
     add("use_compile", type=str2bool_int, default=0, choices=[0, 1], help="torch.compile 模型 / compile the model")
     add("grad_checkpointing", type=str2bool_int, default=0, choices=[0, 1],
         help="梯度检查点, 以计算换显存 / recompute activations in backward to save memory")
+    add("fsdp", type=str2bool_int, default=0, choices=[0, 1],
+        help="FSDP2 分片参数/梯度/优化器状态 (torchrun 下), 代替 DDP / shard parameters, gradients and AdamW state "
+             "per decoder layer across ranks (torch fully_shard) instead of DDP replicas; for models that do not fit "
+             "DDP. Same .pth and resume file as DDP (resume may switch --fsdp and the world size). Not for LoRA")
     add("max_bad_steps", type=int, default=3,
         help="连续多少个 loss/梯度非有限 (NaN/inf) 的优化器步后停止 / stop after N optimizer steps in a row with a "
              "non-finite loss or grad norm (each is skipped, not applied)")

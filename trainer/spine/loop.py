@@ -26,14 +26,16 @@ from torch.utils.data import DataLoader, Sampler
 
 from dataset.lm_dataset import GROUP_CHUNK, GROUP_FILL, group_by_length
 from model.model_minimind import MiniMindConfig
-from trainer.spine.checkpoint import (check_resume_identity, lm_checkpoint, load_trainable_state_dict, read_sidecar,
+from trainer.spine.checkpoint import (check_resume_identity, gather_module_state, gather_train_state, lm_checkpoint,
+                                      load_optimizer_state, load_trainable_state_dict, optimizer_owner, read_sidecar,
                                       resume_path, run_identity, save_weights, sidecar_path, weight_path)
 from trainer.spine.common import Logger, UserError
 from trainer.spine.guards import (EXIT_SIGNAL, SaveError, StopSignals, TrainingDiverged, TrainingStopped,
                                   check_writable_dir, end_data_workers, ignore_stop_signals_in_worker, remove_stale_temps,
                                   track_data_workers)
 from trainer.spine.logs import MetricsFile, NoOpWandb, init_wandb  # noqa: F401 (re-exported)
-from trainer.spine.runtime import RunContext, cleanup_distributed, enable_grad_checkpointing, unwrap, wrap_model
+from trainer.spine.runtime import (RunContext, cleanup_distributed, enable_grad_checkpointing, grad_norm, is_sharded,
+                                   no_sync, unwrap, wrap_model)
 
 
 def get_lr(step: float, total_steps: float, lr: float, warmup: int = 0) -> float:
@@ -360,13 +362,16 @@ class TrainLoop:
             raise UserError(f"resume file {path} holds optimizers {sorted(ckp.get('optimizer', {}))}, "
                             f"this script has {sorted(self.optimizers)}; pass --from_resume 0")
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(ckp["optimizer"][name])
+            load_optimizer_state(optimizer_owner(opt, self._modules()), opt, ckp["optimizer"][name], path)
         if "scaler" in ckp:
             self.scaler.load_state_dict(ckp["scaler"])
         for name, obj in self.resume_objects.items():
             if name not in ckp:
                 raise UserError(f"resume file {path} has no '{name}' state; pass --from_resume 0")
-            obj.load_state_dict(ckp[name])
+            if isinstance(obj, torch.nn.Module) and is_sharded(obj):
+                load_trainable_state_dict(obj, ckp[name], path)
+            else:
+                obj.load_state_dict(ckp[name])
         self.start_epoch, self.skip_samples = ckp["epoch"], ckp["samples"]
         # the order the interrupted epoch was grouped by (older files: ungrouped), so it continues exactly
         self.resumed_order = ckp.get("data_order", {"group_size": 0, "width": 0})
@@ -399,9 +404,14 @@ class TrainLoop:
                f"{self._lr():.3e} (step {self.opt_step + 1})")
 
     # -- wrapping
+    def _modules(self) -> list:
+        """Every module an optimizer may update: the model, what wrap() wrapped, module resume objects."""
+        return [self.raw_model, *self._wrapped,
+                *(v for v in self.resume_objects.values() if isinstance(v, torch.nn.Module))]
+
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """DDP/compile-wrap a trainable module; no_sync is applied to it on accumulation micro-steps."""
-        wrapped = wrap_model(module, self.ctx, compile=self._compile)
+        wrapped = wrap_model(module, self.ctx, compile=self._compile, optimizers=self.optimizers.values())
         self._wrapped.append(wrapped)
         return wrapped
 
@@ -511,12 +521,12 @@ class TrainLoop:
         return False
 
     def _no_sync(self, active: bool):
-        """DDP's no_sync on every wrapped module while `active` (accumulation micro-steps before the last)."""
+        """No gradient reduction on every wrapped module while `active` (accumulation micro-steps before the last):
+        DDP's no_sync, FSDP2's set_requires_gradient_sync(False) (runtime.no_sync)."""
         stack = contextlib.ExitStack()
         if active:
             for m in self._wrapped:
-                if isinstance(m, DistributedDataParallel):
-                    stack.enter_context(m.no_sync())
+                stack.enter_context(no_sync(m))
         return stack
 
     # -- several optimizer steps per rollout batch (RL)
@@ -702,10 +712,7 @@ class TrainLoop:
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
             if not params:
                 continue
-            if self.args.grad_clip > 0:
-                norms[name] = torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip)
-            else:
-                norms[name] = torch.nn.utils.get_total_norm([p.grad for p in params])
+            norms[name] = grad_norm(params, self.args.grad_clip)
         for name, gn in norms.items():
             self._grad_norms[f"grad_norm_{name}" if name else "grad_norm"] = gn.detach()
         finite = bool(torch.isfinite(torch.stack([gn.float() for gn in norms.values()])).all()) if norms else True
@@ -789,21 +796,28 @@ class TrainLoop:
             self._reset_log()
 
     def save(self, epoch: int, samples: int) -> None:
-        """The resume file (fp32 + optimizer + data position) and the weights (fp16 + sidecar), rank 0 only.
-        Both describe the same optimizer step; both refuse non-finite weights. Each is written on its own, the resume
-        file first: when one write fails (full disk, size limit, permissions) the other is still written, so a run
-        whose weights cannot be written can still be resumed; the failure then ends the run with one line."""
-        if not self.ctx.is_main or self._saved_at == self.opt_step or self.updates == 0:
+        """The resume file (fp32 + optimizer + data position) and the weights (fp16 + sidecar), rank 0 only (FSDP: every
+        rank takes part in gathering the shards, rank 0 writes). Both describe the same optimizer step; both refuse
+        non-finite weights. Each is written on its own, the resume file first: when one write fails (full disk, size
+        limit, permissions) the other is still written, so a run whose weights cannot be written can still be
+        resumed; the failure then ends the run with one line."""
+        sharded = is_sharded(self.raw_model)  # FSDP: gathering the shards to rank 0 takes every rank
+        if not (self.ctx.is_main or sharded) or self._saved_at == self.opt_step or self.updates == 0:
             return
         self._saved_at = self.opt_step
         m = unwrap(self.raw_model)
+        states = gather_train_state(m, self.optimizers, self._modules())
+        extras = {k: gather_module_state(v) if isinstance(v, torch.nn.Module) and is_sharded(v) else v
+                  for k, v in self.resume_objects.items()}
+        if not self.ctx.is_main:
+            return
         was_training = m.training
         m.eval()
         failed, written = [], []
-        extras = {"scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, **self.resume_objects}
+        extras = {"scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, **extras}
         try:
-            lm_checkpoint(self.config, self.weight_name, model=m, optimizer=self.optimizers, epoch=epoch,
-                          step=self.step, wandb=self.wandb, save_dir=self.args.checkpoint_dir, samples=samples,
+            lm_checkpoint(self.config, self.weight_name, model=m, states=states, epoch=epoch, step=self.step,
+                          wandb=self.wandb, save_dir=self.args.checkpoint_dir, samples=samples,
                           global_step=self.global_step, opt_step=self.opt_step, weights_step=self.opt_step,
                           bad_steps=self.bad_steps, empty_windows=self.empty_windows,
                           data_order=self._epoch_order if samples else self.order, run_identity=self.identity,
@@ -813,7 +827,8 @@ class TrainLoop:
         except SaveError as e:
             failed.append(str(e))
         try:
-            save_weights(self.weights_state(m), self.weights_path, self.config, tokenizer=self.tokenizer,
+            weights = states["model"] if sharded else self.weights_state(m)  # FSDP: the gathered full state
+            save_weights(weights, self.weights_path, self.config, tokenizer=self.tokenizer,
                          stage=self.stage, weight=self.args.save_weight, epoch=epoch, step=self.opt_step,
                          global_step=self.opt_step, tokenizer_path=getattr(self.args, "tokenizer_path", None),
                          args=vars(self.args))
@@ -838,7 +853,7 @@ class TrainLoop:
                 f"--save_dir/--checkpoint_dir, then {resume}")
 
     def finish(self) -> None:
-        if self.ctx.ddp:
+        if self.ctx.ddp and not is_sharded(self.raw_model):  # FSDP keeps no replicas to compare
             self.check_replicas_in_sync()
         Logger(f"done: {self.weights_path} (step {self.opt_step})")
         self.wandb.finish()

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.spine.common import UserError
+from trainer.spine.common import Logger, UserError
 from trainer.spine.guards import (EXIT_DIVERGED, EXIT_SIGNAL, EXIT_USER, TrainingDiverged, TrainingStopped,
                                   end_data_workers, unwrap_worker_message)
 from util.modules import unwrap  # noqa: F401 (re-exported)
@@ -60,6 +62,7 @@ class RunContext:
     local_rank: int
     world_size: int
     dtype: torch.dtype  # autocast dtype; float32 means no autocast
+    fsdp: bool = False  # --fsdp 1: wrap_model shards with FSDP2 instead of DDP
 
     @property
     def is_main(self) -> bool:
@@ -119,7 +122,11 @@ def init_run(args) -> RunContext:
     if dtype != torch.float32 and device.type == "cuda" and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return RunContext(device=device, rank=rank, local_rank=local_rank, world_size=world, dtype=dtype)
+    fsdp = bool(getattr(args, "fsdp", 0))
+    if fsdp and dtype == torch.float16:
+        raise UserError("--fsdp 1 with --dtype float16 is not supported (fp16 needs a loss scaler that knows the "
+                        "sharded gradients); use --dtype bfloat16 (the CUDA default) or --fsdp 0")
+    return RunContext(device=device, rank=rank, local_rank=local_rank, world_size=world, dtype=dtype, fsdp=fsdp)
 
 
 def run_main(main, interrupted: str = "interrupted: stopped at once; nothing was saved after the last checkpoint"
@@ -207,13 +214,97 @@ def enable_grad_checkpointing(model: torch.nn.Module) -> None:
         raise UserError(f"--grad_checkpointing 1 is not supported by this model ({e}); pass 0") from None
 
 
-def wrap_model(model: torch.nn.Module, ctx: RunContext, compile: bool = False) -> torch.nn.Module:
-    """torch.compile (optional) then DDP. No buffers need syncing (RoPE tables are deterministic), so
-    forward_sync_buffers=False (the reference re-broadcast 2x8 MB of RoPE tables every forward; torch 2.13 deprecates
-    the old name broadcast_buffers with a FutureWarning per rank)."""
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True for a module sharded by wrap_model's FSDP2 path (its state_dict holds DTensor shards)."""
+    return isinstance(unwrap(model), FSDPModule)
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules FSDP shards one by one: the items of every ModuleList named `layers` (the decoder layers of
+    MiniMindForCausalLM and of any trunk built from its `model`, e.g. PPO's critic)."""
+    return [layer for name, mod in model.named_modules() if name.split(".")[-1] == "layers"
+            and isinstance(mod, torch.nn.ModuleList) for layer in mod]
+
+
+def shard_model(model: torch.nn.Module, ctx: RunContext, optimizers=()) -> torch.nn.Module:
+    """FSDP2 (--fsdp 1): every decoder layer is one fully_shard unit (all-gathered for its forward and backward,
+    freed after), the root holds the rest (embedding tied with lm_head, final norm). Parameters, gradients and
+    AdamW state then live 1/world_size per rank. On CUDA with bf16 the layers compute in bf16 and reduce gradients
+    in fp32 (MixedPrecisionPolicy); on CPU they stay fp32 (autocast as without FSDP).
+
+    fully_shard replaces every parameter by a DTensor shard: optimizers built before are re-pointed to the new
+    parameters. Each rank shards its own tensors, so rank 0's are broadcast first, as DDP does (ranks seed
+    differently; --from_weight none would otherwise shard different inits)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(t.data, src=0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if ctx.device.type == "cuda" and ctx.dtype == torch.bfloat16 else MixedPrecisionPolicy()
+    for layer in _decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    new = dict(model.named_parameters())
+    for opt in optimizers:
+        for g in opt.param_groups:
+            for i, p in enumerate(g["params"]):
+                if id(p) not in names:
+                    continue
+                shard = g["params"][i] = new[names[id(p)]]
+                # state restored before sharding (a module wrapped after the resume file was read, e.g. PPO's
+                # critic): the same full tensors on every rank, cut into this rank's shard
+                if p in opt.state:
+                    opt.state[shard] = {k: distribute_tensor(v, shard.device_mesh, shard.placements)
+                                        if isinstance(v, torch.Tensor) and v.shape == p.shape else v
+                                        for k, v in opt.state.pop(p).items()}
+    return model
+
+
+def wrap_model(model: torch.nn.Module, ctx: RunContext, compile: bool = False, optimizers=()) -> torch.nn.Module:
+    """FSDP2 (ctx.fsdp, see shard_model) or DDP, then torch.compile (optional). DDP: no buffers need syncing (RoPE
+    tables are deterministic), so forward_sync_buffers=False (the reference re-broadcast 2x8 MB of RoPE tables every
+    forward; torch 2.13 deprecates the old name broadcast_buffers with a FutureWarning per rank). DDP is applied to the compiled module, FSDP before compiling (fully_shard changes the module itself).
+    `optimizers`: those over model's parameters (FSDP re-points them to the shards)."""
+    if ctx.fsdp:
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        if frozen:
+            raise UserError(f"--fsdp 1 is for stages that train the whole model; this one freezes {len(frozen)} "
+                            f"tensors (e.g. {frozen[0]}): LoRA's few trainable parameters gain nothing from "
+                            "sharding, so it stays on DDP; pass --fsdp 0")
+        if dist.is_initialized():
+            model = shard_model(model, ctx, optimizers)
+            return torch.compile(model) if compile else model
+        Logger("NOTE: --fsdp 1 without torchrun: one process has nothing to shard; training the plain model")
     if compile:
         model = torch.compile(model)
     if ctx.ddp:
         model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
                                         forward_sync_buffers=False)
     return model
+
+
+def no_sync(model: torch.nn.Module):
+    """Context for an accumulation micro-step: no gradient reduction (DDP no_sync, FSDP2
+    set_requires_gradient_sync(False)); the window's last micro-step reduces everything at once."""
+    if isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    inner = unwrap(model)
+    if isinstance(inner, FSDPModule):
+        @contextlib.contextmanager
+        def off():
+            inner.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                inner.set_requires_gradient_sync(True)
+        return off()
+    return contextlib.nullcontext()
+
+
+def grad_norm(params: list, max_norm: float) -> torch.Tensor:
+    """Total gradient norm over params (clipped to max_norm when > 0), a plain tensor on every rank: under FSDP the
+    grads are DTensor shards and the norm comes back as a replicated DTensor."""
+    if max_norm > 0:
+        gn = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        gn = torch.nn.utils.get_total_norm([p.grad for p in params])
+    return gn.full_tensor() if isinstance(gn, DTensor) else gn
