@@ -82,10 +82,14 @@ def prompt_source(args):
                 print(f"👶: {line.strip()}")
                 yield line.strip()
         return
-    if args.mode is None and input("[0] 自动测试 auto  [1] 手动输入 chat\n").strip() != "1":
-        args.mode = "auto"
-        yield from prompt_source(args)
-        return
+    if args.mode is None:
+        args.mode = ask_mode()
+        if args.mode is None:  # Ctrl-D at the menu
+            print()
+            return
+        if args.mode == "auto":
+            yield from prompt_source(args)
+            return
     print("输入消息回车发送；空行、Ctrl-D 或 Ctrl-C 退出 / type a message and press Enter; "
           "an empty line, Ctrl-D or Ctrl-C quits")
     while True:
@@ -97,6 +101,18 @@ def prompt_source(args):
         if not prompt:
             return
         yield prompt
+
+
+def ask_mode():
+    """The terminal menu: "auto" or "chat", None on Ctrl-D. Asks again until the answer is 0 or 1."""
+    while True:
+        try:
+            choice = input("[0] 自动测试 auto  [1] 手动输入 chat  请选择 / choose: ").strip()
+        except EOFError:
+            return None
+        if choice in ("0", "1"):
+            return "auto" if choice == "0" else "chat"
+        print("请输入 0 或 1 / type 0 or 1")
 
 
 def show_reply(stream: ChatStream, parser: ReplyParser, color: bool) -> str:

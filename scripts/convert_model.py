@@ -19,6 +19,10 @@ Import (folder -> native): a folder written by this tool, or any transformers fo
 that fits MiniMind (dense Llama: no biases, SiLU, tied embeddings), -> {save_dir}/{save_weight}_{hidden}{_moe}.pth in
 fp16 (MiniMind's convention) + sidecar JSON. The folder's code is never executed: our own classes read it.
 
+--out is a new folder, an empty one, or an earlier export: each export writes MARKER (the files it wrote), and only
+files listed there are ever replaced or deleted. Another non-empty folder needs --overwrite (files of the export's
+names are replaced, nothing else is deleted); the repo root and its source folders are always refused.
+
 Both ways the tensors are checked strictly (every key present, no extras, equal shapes) and the result is verified:
 the written model is loaded back (export: through transformers; import: the way eval_llm.py loads it) and its logits
 are compared with the source on a probe sequence (--verify 0 skips this).
@@ -792,4 +796,5 @@ def main_gguf(args) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    # a half-written export is a temp folder that export_model removes; not the training scripts' message
+    run_main(main, interrupted="(interrupted)")

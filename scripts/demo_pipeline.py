@@ -6,7 +6,8 @@
 
 It is the tutorial in executable form: each stage is the same command a user types, only with small sizes and
 the demo files from dataset/demo/. Weights land in out/ as {stage}_{hidden}.pth, so afterwards
-`python eval_llm.py --weight full_sft --hidden_size 128` chats with them.
+`python eval_llm.py --weight full_sft --hidden_size 128` chats with them. The demo model (~1.6M parameters at the
+default 128x4, a few minutes on demo data) answers nonsense by design; the closing lines say what to run next.
 """
 import argparse
 import re
@@ -91,18 +92,46 @@ def main():
             sys.exit(f"stage {stage} failed")
         print(f"=== {stage} done in {time.time() - t0:.0f}s", flush=True)
 
+    # the chat uses the last chat-model stage's output weight (ppo saves ppo_actor, distill_reason reason)
+    outputs = {"full_sft": "full_sft", "dpo": "dpo", "distill_reason": "reason", "distillation": "full_dist",
+               "grpo": "grpo", "ppo": "ppo_actor", "spo": "spo"}
+    last = [outputs[s] for s in stages if s in outputs]
+    weight = last[-1] if last else "full_sft"
     if not args.no_chat:
-        # the chat uses the last chat-model stage's output weight (ppo saves ppo_actor, distill_reason reason)
-        outputs = {"full_sft": "full_sft", "dpo": "dpo", "distill_reason": "reason", "distillation": "full_dist",
-                   "grpo": "grpo", "ppo": "ppo_actor", "spo": "spo"}
-        last = [outputs[s] for s in stages if s in outputs]
-        weight = last[-1] if last else "full_sft"
         cmd = [sys.executable, str(ROOT / "eval_llm.py"), "--weight", weight, "--save_dir", args.save_dir,
                "--hidden_size", str(args.hidden_size), "--use_moe", str(args.use_moe), "--mode", "auto",
                "--device", args.device, "--max_new_tokens", "40", "--temperature", "0.7", "--seed", "0",
                "--prompts", "3 加 4 等于多少？", "What is 5 plus 2?", "你好"]
         print(f"\n=== chat with {weight}: {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
+    print(closing_words(args, stages, weight), flush=True)
+
+
+def closing_words(args, stages, weight: str) -> str:
+    """What the run showed, what the replies above are worth, and what to type next."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, count_params
+    with torch.device("meta"):  # sizes only: no memory, no init
+        total, _ = count_params(MiniMindForCausalLM(MiniMindConfig(
+            hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe),
+            headwise_attn_output_gate=True)))  # the trainers' default
+    moe = " --use_moe 1" if args.use_moe else ""
+    size = f"--hidden_size {args.hidden_size}{moe}" + ("" if args.save_dir == str(ROOT / "out")
+                                                       else f" --save_dir {args.save_dir}")
+    more = "" if args.stages == "all" else "\n  every stage (LoRA, DPO, reasoning, distillation, PPO/GRPO/SPO):\n" \
+                                            "    python scripts/demo_pipeline.py --stages all"
+    return (f"\n=== done: {', '.join(stages)} ran end to end.\n"
+            f"The demo model has only {total:.1f}M parameters and trained for minutes on the small demo set, "
+            "so its replies are expected to be nonsense: the demo shows that every stage runs, not what a trained "
+            "model says. For a model that answers, download MiniMind's datasets and train 512x8 (25.8M) or "
+            "640x12 MoE (README: 数据集 / Datasets, 正式训练 / Real training).\n"
+            "Next:\n"
+            f"  chat with the demo model (type 1 for your own questions):\n"
+            f"    python eval_llm.py --weight {weight} {size}\n"
+            f"  the same model behind an OpenAI-compatible API and a chat page:\n"
+            f"    python scripts/web_demo.py --weight {weight} {size}" + more)
 
 
 if __name__ == "__main__":

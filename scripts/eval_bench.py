@@ -540,4 +540,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="(interrupted)")  # nothing to save: not the training scripts' message

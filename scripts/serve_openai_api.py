@@ -14,7 +14,9 @@ model.generate), the others wait in arrival order (at most --max_queue, then 429
 choice for a CPU or a single GPU running a small model; each stream still starts as soon as its turn comes.
 A client that disconnects stops its generation at the next token (a non-stream request notices within 0.2 s,
 also while it waits in the queue); an error inside generation ends the
-stream with an error event; a malformed request gets a 4xx in OpenAI's error shape and the server keeps serving.
+stream with an error event; a malformed request gets a 4xx in OpenAI's error shape and the server keeps serving (an
+unknown "model" 404 model_not_found, a body that does not arrive within 30 s 408). Ctrl-C cancels the generations in
+flight, so the server stops at once (exit 130).
 The server binds 127.0.0.1 (this machine only) unless --host says otherwise; it has no authentication.
 """
 from __future__ import annotations
@@ -39,13 +41,15 @@ from starlette.exceptions import HTTPException  # noqa: E402
 
 from model.chat_format import ROLES as CHAT_ROLES  # noqa: E402
 from trainer.chat_utils import (SAMPLING_RULES, ChatStream, GenerationError, ReplyParser, add_device_arg,  # noqa: E402
-                                add_model_args, build_prompt, context_length, load_model, place_model,
-                                precision_name)
+                                add_model_args, build_prompt, cancel_generations, context_length, load_model,
+                                place_model, precision_name)
 from trainer.trainer_utils import UserError, run_main  # noqa: E402
 
 WEB = ROOT / "scripts" / "web"
 ROLES = CHAT_ROLES | {"developer"}  # OpenAI's newer name for system, mapped to it in parse_request
 BODY_TIMEOUT_S = 30.0  # a request body not complete after this long gets 408 (it would hold a connection forever)
+SHUTDOWN_GRACE_S = 10.0  # after Ctrl-C, requests still unfinished this long are cut (their generations are
+                         # cancelled at once, so only a request stuck outside generation ever waits this long)
 MAX_DEPTH = 64  # JSON nesting a request may have (a tool schema needs ~10; deeper is refused before it recurses)
 
 
@@ -455,11 +459,21 @@ def load_app(args) -> FastAPI:
 
 def main(argv=None, on_ready=None):
     import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            """Ctrl-C / SIGTERM: uvicorn stops accepting and waits for the requests in flight; cancelling their
+            generations (from a thread: this runs inside a signal handler) lets each end at its next token instead
+            of after thousands, with its final chunk and [DONE]."""
+            super().handle_exit(sig, frame)
+            threading.Thread(target=cancel_generations, daemon=True).start()
+
     args = build_parser().parse_args(argv)
     check_host(args.host)
     check_port(args.host, args.port)  # before the model load, which takes a while
     app = load_app(args)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                   timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
 
     def announce():  # after the socket is bound, so a printed URL always answers
@@ -475,4 +489,4 @@ def main(argv=None, on_ready=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="server stopped")  # Ctrl-C is how a server stops; not a training run's message

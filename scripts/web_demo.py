@@ -32,4 +32,4 @@ def launch():
 
 
 if __name__ == "__main__":
-    run_main(launch)
+    run_main(launch, interrupted="server stopped")

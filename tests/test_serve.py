@@ -671,3 +671,69 @@ def test_transformers_folder_through_hf_dir(tmp_path, tokenizer):
     assert text == tok.decode(want[0, len(ids):], skip_special_tokens=True)
     with pytest.raises(UserError, match="merge the LoRA when converting"):
         load_model(p.parse_args(["--hf_dir", str(tmp_path / "hf"), "--lora_weight", "x"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C in the programs that do not train: their own quiet line and exit 130, not the training message
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("scripts/serve_openai_api.py", ["--port", "0"]),
+    ("scripts/web_demo.py", ["--port", "0", "--no_browser"]),
+    ("scripts/eval_bench.py", ["--data_dir", ROOT / "dataset" / "bench_sample" / "ceval"]),
+    ("scripts/convert_model.py", ["--out", "{tmp}/hf"]),
+    ("eval_llm.py", []),
+])
+def test_ctrl_c_outside_training_is_quiet(script, argv, monkeypatch, capsys, tmp_path):
+    """Ctrl-C while the model loads (the first slow step of each of them)."""
+    from conftest import run_inprocess
+
+    import trainer.chat_utils
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer.chat_utils, "load_model", interrupted)
+    monkeypatch.setattr(serve, "load_model", interrupted)  # web_demo reaches it through the imported server
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    code, out, err = run_inprocess(script, *(str(a).format(tmp=tmp_path) for a in argv), capsys=capsys)
+    assert code == 130 and "Traceback" not in err, err
+    assert "nothing was saved" not in out + err and err.strip().splitlines()[-1] in ("(interrupted)",
+                                                                                   "server stopped")
+
+
+@pytest.mark.slow
+def test_server_ctrl_c_during_a_stream_stops_promptly(tiny_random, tmp_path):
+    """The real script: Ctrl-C while a long stream is generating cancels the generation, so the stream ends at once
+    with its final chunk and [DONE] instead of after the remaining thousands of tokens; then the process ends
+    (exit 130, one line, no abort)."""
+    import signal
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve_openai_api.py"), "--weight", "pretrain",
+                             "--save_dir", str(tiny_random / "out"), "--port", str(port), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env(tmp_path))
+    try:
+        lines = []
+        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+        deadline = time.time() + 120
+        while not any("serving" in line for line in lines):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 8000,
+                "temperature": 1.0, "seed": 0}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            for _ in range(5):
+                next(lines)
+            proc.send_signal(signal.SIGINT)
+            rest = [line[6:] for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "[DONE]" and len(rest) < 4000  # cut short (8000 tokens asked), and properly ended
+        assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "cancelled"
+        assert proc.wait(60) == 130
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "terminate called" not in err, err
+        assert err.strip().splitlines()[-1] == "server stopped"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -9,6 +9,7 @@ tmp dir.
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -104,9 +105,13 @@ def test_launcher_serves_page_and_real_model_replies(tiny_sft, browser, tmp_path
         assert shown == (message.get("reasoning_content") or "")
         page.screenshot(path=str(tmp_path / "real_model.png"), full_page=True)
         assert (tmp_path / "real_model.png").stat().st_size > 5000
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the server's own line and 130, not a training run's message
+        assert proc.wait(30) == 130
+        time.sleep(0.2)
+        assert lines[-1].strip() == "server stopped" and "Traceback" not in "".join(lines), "".join(lines[-20:])
     finally:
-        proc.terminate()
-        proc.wait(15)
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_page_streams_thinks_and_shows_tool_calls(fake_page_server, browser, tmp_path):

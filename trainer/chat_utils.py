@@ -274,17 +274,22 @@ _END = object()
 _STREAMS: weakref.WeakSet = weakref.WeakSet()  # every ChatStream whose thread may still run (its thread holds it)
 
 
+def cancel_generations() -> list:
+    """Cancel every generation of this process, running or queued (a server shutting down); returns the streams."""
+    streams = list(_STREAMS)
+    for s in streams:
+        s.cancel()
+    return streams
+
+
 @atexit.register
 def end_generation_threads(timeout: float = 30.0) -> None:
     """At exit, cancel every generation still running and wait for its thread. A daemon thread that is inside a
     torch op when the interpreter finalizes is killed there and the process aborts ("terminate called without an
     active exception", exit 134); atexit runs before that point, and a cancelled generation stops at its next
     decoding step."""
-    streams = list(_STREAMS)
     try:
-        for s in streams:
-            s.cancel()
-        for s in streams:
+        for s in cancel_generations():
             s.join(timeout)
     except KeyboardInterrupt:  # a second Ctrl-C while waiting: leave now
         pass
