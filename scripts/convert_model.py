@@ -2,6 +2,7 @@
 
     python scripts/convert_model.py --weight full_sft --format hf --out MiniMind-hf          # any model (MoE, gate)
     python scripts/convert_model.py --weight full_sft --format llama --out MiniMind-llama    # dense, gate off only
+    python scripts/convert_model.py --weight full_sft --format gguf --out MiniMind.gguf      # llama.cpp, gate off
     python scripts/convert_model.py --weight full_sft --lora_weight lora_identity --out MiniMind-identity
     python scripts/convert_model.py --from_hf MiniMind-hf --save_weight full_sft_hf          # -> out/full_sft_hf_*.pth
 
@@ -15,6 +16,9 @@ the end of a turn) and the tokenizer files (tokenizer.json, tokenizer_config.jso
                   model with the attention output gate off has a Llama equivalent; MoE or gated models are refused.
                   --inference_rope_scaling is written as Llama's rope_scaling {"rope_type": "yarn", ...} with
                   MiniMind's numbers (factor 16 over 2048 positions, attention_factor 1.0).
+  --format gguf   one GGUF file for llama.cpp / ollama / LM Studio (--dtype fp32|fp16|bf16|q8_0): dense models as
+                  llama.cpp's `llama` architecture, MoE with shared experts as `bailingmoe` (the same layer); gated
+                  models and --inference_rope_scaling are refused (docs/deploy.md). The hf folder runs in vLLM.
 Import (folder -> native): a folder written by this tool, or any transformers folder of model_type minimind or llama
 that fits MiniMind (dense Llama: no biases, SiLU, tied embeddings), -> {save_dir}/{save_weight}_{hidden}{_moe}.pth in
 fp16 (MiniMind's convention) + sidecar JSON. The folder's code is never executed: our own classes read it.

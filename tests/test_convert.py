@@ -35,11 +35,11 @@ IDS = torch.randint(3, 6400, (2, 20), generator=torch.Generator().manual_seed(3)
 CHAIN = [300, 301, 302, 2]  # the crafted model's greedy continuation: a -> b -> c -> <|im_end|>
 
 
-def make_native(save_dir, moe=False, gate=False, weight="full_sft", seed=0, std=0.1):
+def make_native(save_dir, moe=False, gate=False, weight="full_sft", seed=0, std=0.1, heads=4, kv_heads=2):
     """A random tiny model saved as training saves it (fp16 .pth + sidecar). Weights larger than the init's 0.02,
     so logits spread over several units and a wrong mapping could not hide in rounding."""
     torch.manual_seed(seed)
-    config = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    config = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
                             use_moe=moe, headwise_attn_output_gate=gate)
     model = MiniMindForCausalLM(config)
     with torch.no_grad():
@@ -67,11 +67,11 @@ def logits(model, ids=IDS):
         return model.float().eval()(ids).logits
 
 
-def make_chain_model(save_dir, moe=True, gate=True):
+def make_chain_model(save_dir, moe=True, gate=True, **sizes):
     """A MoE + gate model whose greedy continuation of `a` is b, c, <|im_end|>, <|im_end|>, ...: every block's output
     projection is zero, so the residual stream is the token's embedding, and the tied embeddings put a, b, c, end on
     rays 60 degrees apart with radii 1, 3, 9, 27: each token's best match is the next; the final norm sharpens it."""
-    path = make_native(save_dir, moe=moe, gate=gate, std=0.02)
+    path = make_native(save_dir, moe=moe, gate=gate, std=0.02, **sizes)
     sd = torch.load(path, weights_only=True)
     for k in sd:
         if k.endswith(("o_proj.weight", "down_proj.weight")):
