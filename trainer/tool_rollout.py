@@ -32,7 +32,7 @@ import torch
 from model import chat_format
 from model.chat_format import IM_END, THINK_OPEN
 from trainer.chat_utils import ReplyParser
-from trainer.rl_utils import NUMBER, completion_mask_from_ids
+from trainer.rl_utils import NUMBER, completion_mask_from_ids, left_pad
 from trainer.tools import execute
 from trainer.trainer_utils import UserError, unwrap, user_path
 
@@ -126,12 +126,8 @@ def hf_generate(model, tokenizer, *, max_new_tokens: int, temperature: float = 0
     def generate(rows: list[list[int]]) -> list[list[int]]:
         m = unwrap(model)
         device = next(m.parameters()).device
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        att = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            att[i, width - len(r):] = 1
+        ids, att = left_pad(rows, pad)
+        width = ids.shape[1]
         was_training = m.training
         m.eval()
         try:
