@@ -203,6 +203,7 @@ def rows(name):
     return [json.loads(line) for line in DEMO.joinpath(name).read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.mark.slow
 def test_demo_tool_data_is_deterministic_disjoint_and_tool_checked(tmp_path):
     run_script("scripts/make_tool_data.py", "--out_dir", tmp_path, tmp=tmp_path)
     for name in ("tool_sft.jsonl", "tool_rl.jsonl", "tool_test.jsonl"):

@@ -217,7 +217,8 @@ def score_task(task: dict, r: TaskRollout) -> dict:
     return {"success": r.finished and answer_correct(r.answer, task["gt"]), "needs_tool": needs,
             "calls": r.calls, "valid_calls": r.valid_calls, "malformed_calls": r.malformed_calls,
             "tool_errors": r.tool_errors, "finished": r.finished, "truncated": r.truncated,
-            "answered_without_tool": needs and r.finished and r.calls == 0,
+            # no call attempted at all (a botched <tool_call> is a try, counted as malformed instead)
+            "answered_without_tool": needs and r.finished and r.calls + r.malformed_calls == 0,
             "generated_tokens": sum(r.mask)}
 
 
