@@ -178,3 +178,41 @@ def test_eval_toolcall_script_on_a_tiny_random_model(tiny_random, tmp_path):
     assert res["call_attempts"] == res["calls"] + res["malformed_calls"]
     assert all(r["finished"] != r["truncated"] or r["calls"] for r in recs)
     assert "success " in proc.stdout and str(out) in proc.stdout
+
+
+def test_eval_llm_runs_the_tools_and_goes_on(tiny_random, tmp_path, monkeypatch, capsys, tok):
+    """eval_llm.py --tools: the model's call runs, the call and result are shown, and the next reply is generated
+    from a prompt that holds the tool response as the chat template renders it (a scripted stream stands in for
+    generation)."""
+    import shutil
+    import eval_llm
+    from conftest import run_eval_cli
+    out = tmp_path / "out"
+    shutil.copytree(tiny_random / "out", out)
+    for ext in ("pth", "json"):  # any name but "pretrain": chat template on
+        (out / f"pretrain_64.{ext}").rename(out / f"full_sft_64.{ext}")
+    replies = iter([call_text("calculator", expression="6*7"), "6 × 7 = 42."])
+    prompts = []
+
+    class FakeStream:
+        def __init__(self, model, tokenizer, ids, **kw):
+            prompts.append(tokenizer.decode(ids))
+            self.text, self.completion_tokens = next(replies), 3
+
+        def __iter__(self):
+            yield self.text
+
+        def close(self):
+            pass
+    monkeypatch.setattr(eval_llm, "ChatStream", FakeStream)
+    code, stdout, stderr = run_eval_cli(["--save_dir", str(out), "--device", "cpu", "--tools", "calculator,weekday"],
+                                        monkeypatch, capsys, stdin_lines=["What is 6 * 7?"])
+    assert code == 0, stderr
+    assert '[tool call] calculator({"expression": "6*7"})' in stdout and "[tool result] 42" in stdout
+    assert "6 × 7 = 42." in stdout and len(prompts) == 2
+    assert '"name": "weekday"' in prompts[0] and prompts[0].endswith("What is 6 * 7?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompts[1].endswith(call_text("calculator", expression="6*7") + "<|im_end|>\n<|im_start|>user\n"
+                               "<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    code, stdout, stderr = run_eval_cli(["--save_dir", str(out), "--device", "cpu", "--tools", "calculator,nope"],
+                                        monkeypatch, capsys, stdin_lines=["x"])
+    assert code != 0 and "--tools: unknown tool(s) nope" in stdout + stderr
