@@ -5,12 +5,15 @@
     printf 'hello\\n3 + 4 = ?\\n' | python eval_llm.py --weight full_sft      # one prompt per stdin line
     python eval_llm.py --weight full_sft --lora_weight lora_identity
     python eval_llm.py --hf_dir ./MiniMind2-hf                 # a transformers-format folder (scripts/convert_model.py)
+    python eval_llm.py --weight full_sft --tools calculator,unit_convert   # the model may call built-in tools
 
 Native weights are out/{weight}_{hidden}{_moe}.pth; the model sizes are read from the .json sidecar next to them,
 so they need not be repeated (a flag that contradicts the sidecar is an error). Replies stream token by token;
 <think> reasoning is shown apart from the answer. --temperature 0 decodes greedily. Prompt building, sampling,
 streaming and <think> parsing are trainer/chat_utils.py, shared with the API server and the chat page.
 In chat mode an empty line, Ctrl-D or Ctrl-C quits; with stdin not a terminal every line is a prompt until EOF.
+With --tools the model's <tool_call>s run (trainer/tools.py), the call and its result are shown, and the reply
+goes on with the result in the conversation, up to TOOL_TURNS replies per prompt.
 """
 import argparse
 import random
@@ -25,6 +28,7 @@ from model.model_minimind import MiniMindForCausalLM, count_params  # noqa: E402
 from trainer.chat_utils import (ChatStream, GenerationError, ReplyParser, add_device_arg, add_model_args,  # noqa: E402
                                 build_prompt, context_length, is_hf_dir, load_model, place_model, precision_name,
                                 sampling_flag)
+from trainer.tools import TOOLS, run_tool_call, tool_schemas  # noqa: E402
 from trainer.trainer_utils import UserError, run_main  # noqa: E402
 
 AUTO_PROMPTS = [
@@ -38,6 +42,7 @@ AUTO_PROMPTS = [
     "地球为什么有四季？",
 ]
 DIM, RESET = "\033[2m", "\033[0m"
+TOOL_TURNS = 4  # model replies per prompt when it calls tools (the last one may still call; then it stops)
 
 
 def nonneg_int(text):
@@ -66,6 +71,8 @@ def build_parser():
                    help="chat template switch: 0 closes the <think> block in the prompt (default: the model decides)")
     p.add_argument("--seed", type=sampling_flag("seed", int), default=None,
                    help="固定随机种子 / fix sampling seed (default: random)")
+    p.add_argument("--tools", type=str, default=None,
+                   help=f"内置工具 / built-in tools the model may call, comma-separated: {','.join(TOOLS)}")
     return p
 
 
@@ -115,8 +122,9 @@ def ask_mode():
         print("请输入 0 或 1 / type 0 or 1")
 
 
-def show_reply(stream: ChatStream, parser: ReplyParser, color: bool) -> str:
-    """Print the streamed reply, reasoning dimmed and marked; returns the answer text (kept as history)."""
+def show_reply(stream: ChatStream, parser: ReplyParser, color: bool, calls: list | None = None) -> str:
+    """Print the streamed reply, reasoning dimmed and marked; returns the answer text (kept as history) and adds
+    the reply's tool calls to `calls`."""
     def events():
         for delta in stream:
             yield from parser.feed(delta)
@@ -124,6 +132,8 @@ def show_reply(stream: ChatStream, parser: ReplyParser, color: bool) -> str:
     answer, section = [], None
     for kind, value in events():
         section = _show(kind, value, section, color, answer)
+        if kind == "tool_call" and calls is not None:
+            calls.append(value)
     if section == "reasoning" and color:
         print(RESET, end="")
     print()
@@ -145,6 +155,25 @@ def _show(kind, value, section, color, answer):
     return kind
 
 
+def tool_flag(args) -> tuple[list[str], list[dict] | None]:
+    """--tools a,b -> (names, their schemas for the chat template); ([], None) without the flag."""
+    names = [n.strip() for n in (args.tools or "").split(",") if n.strip()]
+    try:
+        return names, (tool_schemas(names) if names else None)
+    except ValueError as e:
+        raise UserError(f"--tools: {e}") from None
+
+
+def with_tool_turns(prompts, calls: list):
+    """The prompts, each followed by None while the latest reply made tool calls (at most TOOL_TURNS replies)."""
+    for prompt in prompts:
+        yield prompt
+        for _ in range(TOOL_TURNS - 1):
+            if not calls:
+                break
+            yield None
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     model, tokenizer = load_model(args)
@@ -159,12 +188,16 @@ def main(argv=None):
         raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in the model's context "
                         f"of {context_length(model)} tokens; lower it")
     color = sys.stdout.isatty()
-    history = []
-    for prompt in prompt_source(args):
-        keep = args.historys + args.historys % 2  # whole question/answer pairs
-        history = history[-keep:] if keep else []
-        history.append({"role": "user", "content": prompt})
-        built = build_prompt(tokenizer, history, budget, enable_thinking=args.enable_thinking, raw=raw)
+    names, tools = tool_flag(args)
+    history, calls = [], []
+    for prompt in with_tool_turns(prompt_source(args), calls):
+        if prompt is not None:  # None: the model goes on after its tool calls' results
+            keep = args.historys + args.historys % 2  # whole question/answer pairs
+            history = history[-keep:] if keep else []
+            while history and history[0]["role"] != "user":  # never open with an orphan answer or tool result
+                history.pop(0)
+            history.append({"role": "user", "content": prompt})
+        built = build_prompt(tokenizer, history, budget, tools=tools, enable_thinking=args.enable_thinking, raw=raw)
         if built.dropped or built.cut_tokens:
             print(f"(prompt cut to the context: {built.dropped} old turns dropped, {built.cut_tokens} tokens cut)")
         print("🤖: ", end="", flush=True)
@@ -173,14 +206,19 @@ def main(argv=None):
                             temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed if args.seed is not None else random.randint(0, 2**31 - 1))
         try:
-            reply = show_reply(stream, ReplyParser(in_think=built.in_think), color)
+            calls.clear()
+            reply = show_reply(stream, ReplyParser(tools=bool(tools), in_think=built.in_think), color, calls)
         except GenerationError as e:
             raise UserError(str(e)) from None
         finally:
             stream.close()
         n = stream.completion_tokens
         print(f"[{n} tokens, {n / max(time.time() - t0, 1e-9):.1f} tok/s]\n")
-        history.append({"role": "assistant", "content": reply})
+        history.append({"role": "assistant", "content": reply, **({"tool_calls": list(calls)} if calls else {})})
+        for call in calls:
+            result = run_tool_call(call, allowed=names)
+            print(f"[tool result] {result}\n", flush=True)
+            history.append({"role": "tool", "content": result})
 
 
 def cli():

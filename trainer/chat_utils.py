@@ -492,6 +492,7 @@ class ReplyParser:
         self.buf = ""
         self.fresh = True         # at the start of a section: leading whitespace is dropped
         self.calls = 0
+        self.malformed = 0        # <tool_call> blocks that were not a valid call or were cut off (shown as content)
 
     def feed(self, text: str) -> list:
         self.buf += text
@@ -550,6 +551,7 @@ class ReplyParser:
                         return out
                     self.state = "content"  # cut off (length limit): show what came as text
                     self.tools = False
+                    self.malformed += 1
                     continue
                 block = self.buf[:j + len(CALL_CLOSE)]
                 self.buf, self.state = self.buf[len(block):], "content"
@@ -557,6 +559,7 @@ class ReplyParser:
                 if call is None:
                     out.append(("content", block))
                     self.fresh = False
+                    self.malformed += 1
                 else:
                     out.append(("tool_call", call))
                     self.calls += 1

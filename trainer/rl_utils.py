@@ -144,14 +144,20 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int, device) -
                "dropping their oldest turns, then the middle of their last message (chat markup kept); raise "
                "--max_seq_len to avoid it")
         _warned_truncation = True
+    input_ids, attention_mask = left_pad(rows, pad)
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "num_shortened": shortened}
+
+
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows as one left-padded batch: (input_ids [B, W], attention_mask [B, W]), W the longest row."""
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         attention_mask[i, width - len(r):] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-            "num_shortened": shortened}
+    return input_ids, attention_mask
 
 
 @dataclass

@@ -1,0 +1,199 @@
+"""Generate the demo tool-use data in dataset/demo/ (deterministic: the same bytes every run).
+
+    python scripts/make_tool_data.py                      # rewrites dataset/demo/tool_{sft,rl,test}.jsonl
+    python scripts/make_tool_data.py --out_dir /tmp/tools --seed 1 --sft 300 --rl 200 --test 120
+
+Tasks a small model cannot do in its head (products of 4-5 digit numbers, unit conversions with odd factors, dates
+hundreds of days apart, weekdays, table lookups), plus small sums that need no tool, so calling a tool is a choice.
+Every answer comes from running the real tool (trainer/tools.py). It lives in scripts/ because it imports trainer/
+(dataset/ may not, tests/test_layering.py).
+
+tool_sft.jsonl   SFT: {"conversations": [user, assistant {"content": "", "tool_calls": [{"name", "arguments"}]},
+                 tool {"content": result}, assistant {"content": final answer}], "tools": [schemas]}; no-tool tasks
+                 are [user, assistant] with the tools still offered
+tool_rl.jsonl    agent RL prompts: {"conversations": [user], "tools": [...], "gt": "answer", "needs_tool": bool,
+tool_test.jsonl  "kind": str}; tool_test.jsonl is the held-out split, same format
+
+Train (sft, rl) and test are disjoint by construction: the first factor of a product is even in train and odd in
+test, a conversion's value has an even tenth digit in train, a date task's start date has an even ordinal in train,
+lookup keys are split 3:1, small sums by (7a + 3b) mod 4; written files are checked to share no question.
+"""
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainer.tools import lookup_table, run_tool_call, tool_schemas  # noqa: E402
+
+CONVERSIONS = [("mile", "km"), ("pound", "kg"), ("inch", "cm"), ("foot", "m"), ("fahrenheit", "celsius"),
+               ("ounce", "g"), ("GiB", "MB"), ("nautical_mile", "mile"), ("stone", "pound"), ("yard", "m")]
+KINDS = ["multiply", "convert", "date_add", "days_between", "weekday", "atomic_number", "capital", "no_tool"]
+DISTRACTORS = ["calculator", "unit_convert", "date_add", "days_between", "weekday", "lookup"]
+
+
+def in_test(kind: str, x) -> bool:
+    """The split rule (module docstring), on the value that decides it."""
+    if kind == "multiply":
+        return x % 2 == 1
+    if kind == "convert":
+        return round(x * 10) % 2 == 1
+    if kind in ("date_add", "days_between", "weekday"):
+        return x.toordinal() % 2 == 1
+    if kind == "no_tool":
+        a, b = x
+        return (7 * a + 3 * b) % 4 == 0
+    raise ValueError(kind)
+
+
+def keys_in_split(table: str, test: bool) -> list[str]:
+    keys = sorted(lookup_table()[table])
+    return [k for i, k in enumerate(keys) if (i % 4 == 3) == test]
+
+
+def call(name: str, **arguments) -> tuple[dict, str]:
+    c = {"name": name, "arguments": arguments}
+    result = run_tool_call(c)
+    assert not result.startswith("error"), (c, result)
+    return c, result
+
+
+def pick_date(rng: random.Random, kind: str, test: bool) -> dt.date:
+    while True:
+        d = dt.date(2000, 1, 1) + dt.timedelta(days=rng.randrange(0, 11000))
+        if in_test(kind, d) == test:
+            return d
+
+
+def make_task(rng: random.Random, kind: str, test: bool) -> dict:
+    """One task: the question, the tool it needs (None: no tool), the call, the tool's result, the final answer."""
+    zh = rng.random() < 0.25
+    if kind == "multiply":
+        while True:
+            a = rng.randrange(1000, 100000)
+            if in_test(kind, a) == test:
+                break
+        b = rng.randrange(1000, 100000)
+        q = f"{a} 乘以 {b} 等于多少？" if zh else rng.choice([f"What is {a} * {b}?", f"Compute {a} × {b}."])
+        c, r = call("calculator", expression=f"{a} * {b}")
+        final = f"{a} × {b} = {r}。" if zh else f"{a} × {b} = {r}."
+        tool = "calculator"
+    elif kind == "convert":
+        src, dst = rng.choice(CONVERSIONS)
+        while True:
+            v = rng.randrange(11, 9999) / 10
+            if in_test(kind, v) == test:
+                break
+        q = rng.choice([f"How many {dst} is {v} {src}?", f"Convert {v} {src} to {dst}."])
+        c, r = call("unit_convert", value=v, from_unit=src, to_unit=dst)
+        final, tool = f"{v} {src} is {r} {dst}.", "unit_convert"
+    elif kind == "date_add":
+        d, n = pick_date(rng, kind, test), rng.randrange(100, 900)
+        before = rng.random() < 0.3
+        q = f"What date was {n} days before {d}?" if before else f"What date is {n} days after {d}?"
+        c, r = call("date_add", date=d.isoformat(), days=-n if before else n)
+        final, tool = f"{n} days {'before' if before else 'after'} {d} is {r}.", "date_add"
+    elif kind == "days_between":
+        d = pick_date(rng, kind, test)
+        e = d + dt.timedelta(days=rng.randrange(150, 1500))
+        q = f"How many days are there from {d} to {e}?"
+        c, r = call("days_between", start=d.isoformat(), end=e.isoformat())
+        final, tool = f"From {d} to {e} there are {r} days.", "days_between"
+    elif kind == "weekday":
+        d = pick_date(rng, kind, test)
+        q = f"What day of the week is {d}?"
+        c, r = call("weekday", date=d.isoformat())
+        final, tool = f"{d} is a {r}.", "weekday"
+    elif kind in ("atomic_number", "capital"):
+        key = rng.choice(keys_in_split(kind, test))
+        c, r = call("lookup", table=kind, key=key)
+        q = rng.choice([f"What is the atomic number of {key}?", f"Which element number is {key}?",
+                        f"{key} 的原子序数是多少？"] if kind == "atomic_number" else
+                       [f"What is the capital of {key}?", f"Which city is the capital of {key}?",
+                        f"{key} 的首都是哪里？"])
+        final = f"The {'atomic number' if kind == 'atomic_number' else 'capital'} of {key} is {r}."
+        tool = "lookup"
+    elif kind == "no_tool":
+        while True:
+            a, b = rng.randrange(1, 10), rng.randrange(1, 10)
+            if in_test(kind, (a, b)) == test:
+                break
+        q = f"{a} 加 {b} 等于多少？" if zh else f"What is {a} + {b}?"
+        r = str(a + b)
+        c, final, tool = None, (f"{a}+{b}={r}。" if zh else f"{a} + {b} = {r}."), None
+    else:
+        raise ValueError(kind)
+    offered = [tool or "calculator"]
+    if rng.random() < 0.3:  # sometimes a second tool, so the model must pick the right one
+        offered.append(rng.choice([t for t in DISTRACTORS if t not in offered]))
+        rng.shuffle(offered)
+    return {"question": q, "call": c, "result": r, "final": final, "tools": tool_schemas(offered),
+            "needs_tool": tool is not None, "kind": kind}
+
+
+def sft_record(t: dict) -> dict:
+    msgs = [{"role": "user", "content": t["question"]}]
+    if t["call"] is not None:
+        msgs += [{"role": "assistant", "content": "", "tool_calls": [t["call"]]},
+                 {"role": "tool", "content": t["result"]}]
+    msgs.append({"role": "assistant", "content": t["final"]})
+    return {"conversations": msgs, "tools": t["tools"]}
+
+
+def rl_record(t: dict) -> dict:
+    return {"conversations": [{"role": "user", "content": t["question"]}], "tools": t["tools"], "gt": t["result"],
+            "needs_tool": t["needs_tool"], "kind": t["kind"]}
+
+
+def tasks(rng: random.Random, n: int, test: bool, seen: set) -> list[dict]:
+    """n tasks, the kinds in turn, no question twice (within this call and against `seen`)."""
+    out, tries = [], 0
+    while len(out) < n:
+        tries += 1
+        if tries > 100 * n:
+            raise SystemExit(f"cannot draw {n} distinct tasks for this split; ask for fewer")
+        t = make_task(rng, KINDS[len(out) % len(KINDS)], test)
+        if t["question"] not in seen:
+            seen.add(t["question"])
+            out.append(t)
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Write the demo tool-use data (SFT, agent RL prompts, held-out test)")
+    p.add_argument("--out_dir", default=str(ROOT / "dataset" / "demo"), help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    p.add_argument("--sft", type=int, default=240, help="SFT conversations (train split)")
+    p.add_argument("--rl", type=int, default=160, help="agent RL prompts (train split)")
+    p.add_argument("--test", type=int, default=120, help="held-out tasks (test split)")
+    args = p.parse_args(argv)
+    rng = random.Random(args.seed)
+    train_seen, test_seen = set(), set()
+    sft = tasks(rng, args.sft, False, train_seen)
+    rl = tasks(rng, args.rl, False, train_seen)
+    test = tasks(rng, args.test, True, test_seen)
+    overlap = train_seen & test_seen
+    assert not overlap, f"train and test share questions: {sorted(overlap)[:3]}"
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "tool_sft.jsonl", [sft_record(t) for t in sft])
+    write_jsonl(out / "tool_rl.jsonl", [rl_record(t) for t in rl])
+    write_jsonl(out / "tool_test.jsonl", [rl_record(t) for t in test])
+    print(f"wrote {len(sft)} SFT, {len(rl)} RL and {len(test)} test tasks to {out}")
+
+
+if __name__ == "__main__":
+    main()
