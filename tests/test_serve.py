@@ -257,12 +257,13 @@ print("exiting while the thread generates", flush=True)
 
 def test_a_program_that_exits_while_generating_exits_cleanly(tmp_path):
     """A program that leaves without closing its stream (an error, sys.exit, the end of main) still ends its
-    generation thread before the interpreter goes down: exit code 0 three times, never 134 'terminate called'."""
+    generation thread before the interpreter goes down: exit code 0 twice, never 134 'terminate called' (which it
+    was every time before)."""
     (tmp_path / "prog.py").write_text(EXIT_WHILE_GENERATING)
     env = {**script_env(tmp_path), "OMP_NUM_THREADS": "1"}
-    for _ in range(3):
+    for _ in range(2):
         proc = subprocess.run([sys.executable, str(tmp_path / "prog.py"), str(ROOT)], capture_output=True,
-                              text=True, timeout=120, env=env)
+                              text=True, timeout=300, env=env)
         assert proc.returncode == 0 and "terminate called" not in proc.stderr, (proc.returncode, proc.stderr[-2000:])
         assert "exiting while the thread generates" in proc.stdout
 
