@@ -5,11 +5,15 @@
 
 Each (config, processes, mode) launches `torchrun --nproc_per_node N` on this script in worker mode, which runs
 trainer/train_pretrain.py unchanged (demo data, --max_steps steps) and records per rank:
-- peak RSS over the whole run (VmHWM: includes start-up, where every rank builds the full fp32 model before DDP
-  copies it or FSDP shards it),
-- peak RSS of training (VmHWM reset after the first optimizer step through /proc/self/clear_refs; Linux only),
+- peak RSS over the whole run (includes start-up, where every rank builds the full fp32 model before DDP copies it
+  or FSDP shards it, and the final save, where rank 0 holds the gathered full fp32 model + AdamW state),
+- peak RSS of training: VmHWM reset after the first optimizer step (/proc/self/clear_refs; Linux), read before the
+  final save,
 - on CUDA, torch.cuda.max_memory_allocated over the run,
 and tokens/s is the median of the logged steps after the first (the metrics JSONL). A table is printed at the end.
+The workers run with MALLOC_MMAP_THRESHOLD_=131072 (glibc): every tensor of 128 KiB or more is its own mapping and
+goes back to the OS when freed, so RSS follows the live tensors instead of keeping the freed full model of start-up
+(or freed activations) in the heap; both modes alike.
 Before each launch the script checks MemAvailable against a 20 B/param (DDP) or 4 B/param (FSDP start-up) estimate
 per rank and skips what would not fit, saying so (other jobs share the machine).
 """
@@ -53,6 +57,13 @@ def worker(out_dir: str, argv: list[str]) -> None:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM: from here on it is the training peak
     TrainLoop._optimizer_step = step
+    save = TrainLoop.save
+
+    def save_after_peak(self, *a, **k):
+        # the final save gathers the full fp32 model + AdamW state on rank 0 (both modes): measured apart
+        seen.setdefault("train_peak_kib", status_kib("VmHWM"))
+        return save(self, *a, **k)
+    TrainLoop.save = save_after_peak
     sys.argv = [str(ROOT / "trainer" / "train_pretrain.py"), *argv]
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
@@ -62,7 +73,7 @@ def worker(out_dir: str, argv: list[str]) -> None:
     import resource
     rank = int(os.environ.get("RANK", 0))
     row = {"rank": rank, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-           "train_peak_rss_gib": status_kib("VmHWM") / 2**20}
+           "train_peak_rss_gib": seen.get("train_peak_kib", status_kib("VmHWM")) / 2**20}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         row["cuda_max_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(row))
@@ -100,7 +111,7 @@ def run_one(name, nproc, mode, args) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                __file__, "--worker", tmp, "--", *map(str, train)]
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)), WANDB_MODE="disabled",
-                   HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+                   HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MALLOC_MMAP_THRESHOLD_="131072")
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
         if proc.returncode != 0:
             return {"config": name, "nproc": nproc, "mode": mode, "params_m": params / 1e6,
@@ -114,6 +125,7 @@ def run_one(name, nproc, mode, args) -> dict:
     for key in ("peak_rss_gib", "train_peak_rss_gib", "cuda_max_alloc_gib"):
         if key in ranks[0]:
             out[key] = max(r[key] for r in ranks)
+    out["rank0_peak_rss_gib"] = ranks[0]["peak_rss_gib"]
     return out
 
 
@@ -135,7 +147,8 @@ def main():
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
     rows = []
-    print("config      params  procs mode  peak RSS/rank  train peak RSS/rank  cuda alloc  tokens/s  last loss")
+    print("config      params  procs mode  peak RSS/rank (rank 0)  train peak RSS/rank  cuda alloc  tokens/s  "
+          "last loss")
     for name in args.configs:
         for nproc in args.nproc:
             for mode in args.modes:
@@ -146,6 +159,7 @@ def main():
                     continue
                 cuda = f"{r['cuda_max_alloc_gib']:8.2f} GiB" if "cuda_max_alloc_gib" in r else "         -"
                 print(f"{name:<11} {r['params_m']:6.0f}M {nproc:5} {mode:<5} {r['peak_rss_gib']:9.2f} GiB "
+                      f"({r['rank0_peak_rss_gib']:.2f})"
                       f"{r['train_peak_rss_gib']:15.2f} GiB  {cuda}  {r['tokens_per_s']:8.0f}  {r['loss_last']:.4f}",
                       flush=True)
     if args.json:
