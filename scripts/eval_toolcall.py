@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -49,16 +51,14 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for name in ("max_tasks",):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} {getattr(args, name)} must be >= 0")
+    if args.max_tasks < 0:
+        raise UserError(f"--max_tasks {args.max_tasks} must be >= 0")
     for name in ("max_turns", "max_new_tokens", "max_total_len", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)} must be >= 1")
     tasks = load_tool_tasks(args.data_path, args.max_tasks)
     model, tokenizer = load_model(args)
     model = place_model(model, args.device, args.dtype)
-    import torch
     torch.manual_seed(args.seed)
     t0, results = time.time(), []
     for i in range(0, len(tasks), args.batch_size):

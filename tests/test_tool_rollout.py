@@ -216,3 +216,17 @@ def test_eval_llm_runs_the_tools_and_goes_on(tiny_random, tmp_path, monkeypatch,
     code, stdout, stderr = run_eval_cli(["--save_dir", str(out), "--device", "cpu", "--tools", "calculator,nope"],
                                         monkeypatch, capsys, stdin_lines=["x"])
     assert code != 0 and "--tools: unknown tool(s) nope" in stdout + stderr
+
+
+def test_load_tool_tasks_bad_input_says_which_file_and_line(tmp_path):
+    with pytest.raises(tr.UserError, match="no such file; pass --data_path"):
+        tr.load_tool_tasks(str(tmp_path / "nope.jsonl"))
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps(task("Q?", "1")) + "\n\n{oops\n")
+    with pytest.raises(tr.UserError, match=r"t.jsonl:3: not valid JSON"):
+        tr.load_tool_tasks(str(f))
+    f.write_text(json.dumps({"conversations": [{"role": "user", "content": "Q"}], "gt": 5}) + "\n")
+    with pytest.raises(tr.UserError, match=r't.jsonl:1: a tool task needs "conversations"'):
+        tr.load_tool_tasks(str(f))
+    f.write_text(json.dumps(task("Q?", "1")) + "\n" + json.dumps(task("R?", "2")) + "\n")
+    assert [t["gt"] for t in tr.load_tool_tasks(str(f))] == ["1", "2"] and len(tr.load_tool_tasks(str(f), 1)) == 1

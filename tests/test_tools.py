@@ -6,7 +6,6 @@ demo tool data (deterministic, splits disjoint, every answer the tool's).
 """
 import json
 import re
-import time
 from typing import Literal
 
 import pytest
@@ -33,7 +32,9 @@ def test_calculator_exact_values(expr, want):
 
 
 @pytest.mark.parametrize("expr,why", [
-    ("9**9**9", "digits"), ("10 ** 100 ** 2", "digits"), ("2 ** -1000", "digits"), ("10 ** 199 * 100", "digits"),
+    # "would have about": refused from the size estimate, before any power is computed
+    ("9**9**9", "would have about 3.7e+08 digits"), ("10 ** 100 ** 2", "would have about"),
+    ("2 ** -1000", "would have about"), ("10 ** 199 * 100", "digits"),
     ("(" * 100 + "1" + ")" * 100, "nests deeper"), ("-" * 250 + "1", "parts"), ("1e400", "too large"),
     ("__import__('os').system('echo hi')", "not allowed"), ("(lambda: 1)()", "not allowed"),
     ("().__class__.__bases__", "not allowed"), ("open('/etc/passwd')", "not allowed"), ("x + 1", "the name 'x'"),
@@ -43,11 +44,9 @@ def test_calculator_exact_values(expr, want):
     ("1 +", "cannot be parsed"), ("", "empty"), ("1" * 250, "digits"), ("9" * 2000, "longer than 2000"), ("9" * 1000, "at most 300"),
     ("abs(1, 2)", "takes 1..1"), ("round(1, 0.5)", "round(x, n)"), ("1 << 2", "not allowed"),
 ])
-def test_calculator_hostile_input_is_an_error_string_quickly(expr, why):
-    t0 = time.perf_counter()
+def test_calculator_hostile_input_is_an_error_string(expr, why):
     out = calc(expr)
     assert out.startswith("error: ") and why in out, out
-    assert time.perf_counter() - t0 < 1.0  # bounded by construction, not by luck
 
 
 def test_calculator_deadline_is_checked(monkeypatch):

@@ -24,6 +24,7 @@ Test: python -m pytest tests/test_tool_rollout.py -q
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -43,8 +44,11 @@ from trainer.trainer_utils import UserError, unwrap, user_path
 
 def load_tool_tasks(path: str, limit: int = 0) -> list[dict]:
     """The tasks of a JSONL file (see the module docstring); a bad line is a UserError naming it."""
-    tasks = []
-    with open(user_path(path), encoding="utf-8") as f:
+    tasks, full = [], user_path(path)
+    if not os.path.isfile(full):
+        raise UserError(f"{path}: no such file; pass --data_path a JSONL of tool tasks (e.g. "
+                        "dataset/demo/tool_test.jsonl, written by scripts/make_tool_data.py)")
+    with open(full, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
