@@ -30,7 +30,8 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 job = json.load(open(sys.argv[1]))
 res = {}
 for name, path in job["files"].items():
-    llm = Llama(model_path=path, n_ctx=256, n_threads=2, verbose=False, seed=0)
+    # an f32 KV cache (llama.cpp defaults to f16, which rounds K and V): the comparison is then fp32 throughout
+    llm = Llama(model_path=path, n_ctx=256, n_threads=2, verbose=False, seed=0, type_k=0, type_v=0)
     # how create_chat_completion renders a GGUF's own template when no chat_format is given
     fmt = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"],
                               eos_token=llm.detokenize([llm.token_eos()], special=True).decode(),
