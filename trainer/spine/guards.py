@@ -106,10 +106,18 @@ def end_data_workers() -> None:
     for batches in list(_LOADERS):
         batches._shutdown_workers()
     _LOADERS.clear()
-    for child in multiprocessing.active_children():
-        if child.daemon:  # DataLoader workers are daemonic; nothing else in a training process is
+    workers = [c for c in multiprocessing.active_children() if c.daemon]  # DataLoader workers are daemonic
+    if not workers:
+        return
+    # the killed worker of an untracked loader would make torch's SIGCHLD handler raise "worker killed by signal"
+    # in the middle of this cleanup (on the error path it serves): the default action while they are reaped
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        for child in workers:
             child.kill()
             child.join(timeout=5)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 # ----------------------------------------------------------------------------------------------------------------
