@@ -59,7 +59,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # written into every export: names the files this tool wrote, the only ones a later export may replace or delete
 MARKER = "minimind_export.json"
 # the repo's own folders: never an --out (nor anything inside them), and neither is the repo root
-SOURCE_FOLDERS = ("model", "trainer", "dataset", "scripts", "tests", "docs", ".git", ".ci")
+SOURCE_FOLDERS = ("model", "trainer", "dataset", "util", "scripts", "tests", "docs", ".git", ".ci")
 # config.json entries that describe the file, not the model (dropped when building MiniMindConfig from it)
 FILE_KEYS = {"auto_map", "architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
              "model_type", "rope_parameters", "rope_scaling"}

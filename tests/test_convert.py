@@ -422,7 +422,7 @@ def test_out_inside_the_repo_sources_is_refused_before_any_write(tmp_path):
     """A fresh clone (a copy of the repo's code in a temp folder): `--out model` run from its root leaves model/
     exactly as it was, and so do the other source folders and the root itself."""
     clone = tmp_path / "clone"
-    for folder in ("model", "trainer", "dataset"):
+    for folder in ("model", "trainer", "dataset", "util"):
         shutil.copytree(ROOT / folder, clone / folder, ignore=shutil.ignore_patterns("__pycache__", "demo"))
     (clone / "scripts").mkdir()
     shutil.copyfile(ROOT / "scripts" / "convert_model.py", clone / "scripts" / "convert_model.py")
@@ -433,7 +433,7 @@ def test_out_inside_the_repo_sources_is_refused_before_any_write(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "is part of this repository's source" in proc.stderr and "model" in proc.stderr
     assert snapshot(clone) == before and sorted(p.name for p in clone.iterdir()) == sorted(
-        ["model", "trainer", "dataset", "scripts"])
+        ["model", "trainer", "dataset", "util", "scripts"])
     for out in ("model", ".", "scripts", "trainer/spine", "docs/new", str(clone / "dataset")):
         for force in ([], ["--overwrite"]):
             message = run_script_in(clone, "--weight", "full_sft", "--save_dir", tmp_path / "out", "--out", out,

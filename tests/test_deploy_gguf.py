@@ -158,3 +158,18 @@ def test_gguf_refuses_what_llama_cpp_cannot_compute(tmp_path, flags, reason):
     assert "\n" not in str(e.value) and not (tmp_path / "m.gguf").exists()
     if gated:
         assert "vllm serve" in str(e.value)
+
+
+def test_gguf_out_keeps_the_output_guards_of_convert(tmp_path):
+    """--format gguf writes one file, never into the repo's sources and never over a file that is not a GGUF."""
+    make_native(tmp_path / "native", weight="d")
+    base = ["--weight", "d", "--save_dir", str(tmp_path / "native"), "--format", "gguf"]
+    target = cm.ROOT / "model" / "x.gguf"
+    with pytest.raises(UserError, match="inside this repository's source"):
+        cm.main([*base, "--out", str(target)])
+    assert not target.exists()
+    mine = tmp_path / "notes.txt"
+    mine.write_text("the user's own file")
+    with pytest.raises(UserError, match="not a GGUF file"):
+        cm.main([*base, "--out", str(mine)])
+    assert mine.read_text() == "the user's own file"
