@@ -91,12 +91,14 @@ def one_seed(seed, data, args):
     logs.mkdir(parents=True, exist_ok=True)
     common = ["--hidden_size", args.hidden_size, "--num_hidden_layers", args.num_hidden_layers, "--device", "cpu",
               "--dtype", "float32", "--num_workers", 0, "--save_dir", out, "--checkpoint_dir", ckpt, "--seed", seed]
+    # --max_steps only ends a run early: enough epochs over the documents (32 per step) to reach it
+    epochs = -(-args.pretrain_steps * 32 // args.pretrain_docs)
     t = run("trainer/train_pretrain.py", *common, "--data_path", data / "pretrain.jsonl", "--max_seq_len", 160,
-            "--batch_size", 32, "--accumulation_steps", 1, "--learning_rate", 3e-3, "--max_steps", args.pretrain_steps, "--log_interval", 20,
-            log=logs / "pretrain.log")
+            "--batch_size", 32, "--accumulation_steps", 1, "--learning_rate", 3e-3, "--epochs", epochs,
+            "--max_steps", args.pretrain_steps, "--log_interval", 20, log=logs / "pretrain.log")
     t += run("trainer/train_full_sft.py", *common, "--data_path", data / "sft.jsonl", "--max_seq_len", 96,
-             "--batch_size", 16, "--accumulation_steps", 1, "--learning_rate", 1e-3, "--epochs", args.sft_epochs, "--from_weight", "pretrain",
-             "--log_interval", 10, log=logs / "sft.log")
+             "--batch_size", 16, "--accumulation_steps", 1, "--learning_rate", 1e-3, "--epochs", args.sft_epochs,
+             "--from_weight", "pretrain", "--log_interval", 10, log=logs / "sft.log")
     result = {"seed": seed, "full_sft": evaluate(out, "full_sft", data, logs, args), "seconds": {"pretrain+sft": t}}
     print(f"seed {seed}: SFT held-out greedy accuracy {result['full_sft']:.3f}", flush=True)
     batches_per_epoch = args.rl_prompts // args.batch_size
