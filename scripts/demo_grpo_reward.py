@@ -156,7 +156,7 @@ def main():
     p.add_argument("--heldout_pairs", type=int, default=150, help="unordered operand pairs held out (both orders)")
     p.add_argument("--pretrain_docs", type=int, default=4000, help="plain-text documents of 6 worked sums")
     p.add_argument("--pretrain_steps", type=int, default=600)
-    p.add_argument("--sft_examples", type=int, default=300, help="chat traces for SFT")
+    p.add_argument("--sft_examples", type=int, default=3000, help="chat traces for SFT")
     p.add_argument("--sft_epochs", type=int, default=3)
     p.add_argument("--rl_prompts", type=int, default=2000, help="GRPO training prompts (disjoint from SFT's)")
     p.add_argument("--rollout_batches", type=int, default=30,
