@@ -7,15 +7,13 @@ The task (dataset/demo/make_demo.py, `addition_*`): a + b with 10 <= a, b <= 99,
 answer is a column trace ("<think>\\n7+5=12, carry 1\\n3+4+1=8\\n</think>\\n<answer>\\n82\\n</answer>"). 150
 unordered operand pairs (297 ordered prompts) are held out: neither order of them appears in pretraining, SFT or RL.
 Per seed, every stage is the real script (commands printed): a 64x4 model is pretrained on worked sums as plain
-text, SFT'd on a few hundred chat traces (little on purpose, so the skill is partly learned), then GRPO'd with the
+text, SFT'd on 3000 chat traces, then GRPO'd with the
 rule reward only (1 when the final answer equals the sum) on 2000 other training prompts, once per objective in
 --objectives from the same SFT weights with the same rollout budget (steps x batch x generations). Held-out greedy
 accuracy (scripts/eval_answers.py) is measured for the SFT model and for each GRPO model; the run also logs
 eval_accuracy every --eval_every steps (--eval_interval). The table at the end lists every seed, the mean and the
-spread (max - min). Status (docs/notes_stages.md): with --pretrain_steps 100 --sft_epochs 2 (the only run so far, on a
-machine shared by ~15 processes) the SFT model answered 0 of 297 held-out prompts and GRPO saw reward 0 in every
-group (no signal); the defaults were raised to 600 pretraining steps and 3 SFT epochs after that (training loss was
-still falling fast) and are not measured yet.
+spread (max - min). Status (README, docs/SESSION_NOTES.md session 5): one seed measured, held-out 0.051 after SFT
+-> 0.024 after GRPO (dapo, mu = 2): the issue's +10 point target is not reached at this size.
 """
 import argparse
 import json
