@@ -35,7 +35,7 @@ def gate_rows(attn):
 
 
 def query_rows(attn):
-    rows = set(range(attn.q_proj.weight.shape[0])) - set(gate_rows(attn).tolist())
+    rows = set(range(attn.q_proj.weight.shape[0])) - (set(gate_rows(attn).tolist()) if attn.gated else set())
     return torch.tensor(sorted(rows))
 
 
