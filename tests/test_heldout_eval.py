@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEMO, TINY, dirs, read_metrics, run_inprocess, run_script, signal_after_step
+from conftest import DEMO, TINY, dirs, read_metrics, run_inprocess, run_script, run_torchrun, signal_after_step
 from model.flops import training_flops
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.spine import evaluate as ev
@@ -255,3 +255,18 @@ def test_evaluation_does_not_change_the_weights_and_mfu_is_flops_times_tokens_pe
         width = (r["flops_per_token"] - f.per_token) / f.per_token_seq  # mean row width, in (1, --max_seq_len]
         assert 1 < width <= 128
     assert "mfu" in proc.stdout and "TFLOP/s" in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_eval_loss(tmp_path):
+    """The same global batch on 1 and 2 processes (4 x 1 vs 2 x 2): the same weights (up to fp32 reduction order),
+    so the held-out numbers, summed over the ranks, agree; the slice is the same records."""
+    common = [*TINY, "--data_path", DEMO / "pretrain.jsonl", "--accumulation_steps", "1", "--max_steps", "2",
+              "--log_interval", "1", "--eval_samples", "11", "--eval_interval", "1", "--pack", "0"]
+    run_script(PRE, *common, "--batch_size", "4", *dirs(tmp_path / "one"), tmp=tmp_path)
+    run_torchrun(PRE, *common, "--batch_size", "2", *dirs(tmp_path / "two"), tmp=tmp_path)
+    one, two = read_metrics(tmp_path / "one", "pretrain"), read_metrics(tmp_path / "two", "pretrain")
+    assert [r["global_step"] for r in one] == [r["global_step"] for r in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+        assert b["eval_bpb"] == pytest.approx(a["eval_bpb"], rel=1e-5)
