@@ -4,6 +4,7 @@
 """
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -227,6 +228,41 @@ def test_a_resumed_run_keeps_its_held_out_slice_and_ends_with_the_uninterrupted_
     assert part["last_eval"] == full["last_eval"] and full["last_eval"]["step"] == 4
     assert [r["eval_loss"] for r in read_metrics(tmp_path / "part", "pretrain") if "eval_loss" in r] == \
         [r["eval_loss"] for r in read_metrics(tmp_path / "full", "pretrain") if "eval_loss" in r]
+
+
+STAGES = {  # script, weight name, data, extra flags, eval keys
+    "full_sft": ("trainer/train_full_sft.py", "full_sft", "sft.jsonl", ["--from_weight", "pretrain"],
+                 ["eval_bpb", "eval_loss"]),
+    "lora": ("trainer/train_lora.py", "lora_identity", "lora_identity.jsonl", ["--from_weight", "pretrain"],
+             ["eval_bpb", "eval_loss"]),
+    "distill_reason": ("trainer/train_distill_reason.py", "reason", "reason.jsonl", ["--from_weight", "pretrain"],
+                       ["eval_bpb", "eval_loss"]),
+    "distillation": ("trainer/train_distillation.py", "full_dist", "sft.jsonl",
+                     ["--from_student_weight", "pretrain", "--from_teacher_weight", "pretrain"],
+                     ["eval_bpb", "eval_loss"]),
+    "dpo": ("trainer/train_dpo.py", "dpo", "dpo.jsonl", ["--from_weight", "pretrain"],
+            ["eval_dpo_loss", "eval_reward_accuracy", "eval_reward_margin"]),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_supervised_stage_evaluates_and_writes_the_sidecar(stage, tiny_random, tmp_path, capsys):
+    script, weight, data, extra, keys = STAGES[stage]
+    sizes = ["--student_hidden_size", "64", "--student_num_layers", "2", "--teacher_hidden_size", "64",
+             "--teacher_num_layers", "2"] if stage == "distillation" else ["--hidden_size", "64",
+                                                                         "--num_hidden_layers", "2"]
+    shutil.copytree(tiny_random / "out", tmp_path / "out")  # random tiny pretrain weights: every stage starts there
+    out_dir = tmp_path / "out" / ("lora" if stage == "lora" else "")
+    where = ["--from_dir", tmp_path / "out", "--save_dir", out_dir] if stage == "lora" else ["--save_dir", out_dir]
+    code, out, err = run_inprocess(script, *TINY[4:], *sizes, *where, "--checkpoint_dir", tmp_path / "ckp",
+                                   "--data_path", DEMO / data, *extra, "--batch_size", "2", "--max_steps", "2",
+                                   "--log_interval", "1", "--eval_samples", "4", "--eval_interval", "1",
+                                   "--peak_tflops", "1", capsys=capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "ckp" / f"{weight}_64_metrics.jsonl").read_text().splitlines()]
+    assert [sorted(k for k in r if k.startswith("eval_")) for r in rows] == [keys, keys]
+    assert all(r["mfu"] > 0 for r in rows) and "held-out evaluation: 4 of the" in out
+    assert json.loads((out_dir / f"{weight}_64.json").read_text())["eval"] == {"step": 2, **{k: rows[-1][k] for k in keys}}
 
 
 @pytest.mark.slow
