@@ -38,6 +38,7 @@ import torch
 from .model_minimind import OWN_ATTENTION
 
 GATE_LOW = 0.1  # a gate score below this counts as "closed" (gate_sparsity)
+PROBS_BUDGET = 1 << 26  # fp32 attention probabilities held at once by the explicit attention (256 MiB)
 # columns of the per-layer sums
 GATE_SUM, GATE_LOW_N, GATE_N, SINK_SUM, SINK_N, ENT_SUM, ENT_N = range(7)
 
@@ -79,11 +80,19 @@ class ModelStats:
 
     # ---------------------------------------------------------------------------------------------------- lifecycle
 
-    def __enter__(self):
-        impl = getattr(self.base.config, "_attn_implementation", None)
+    @staticmethod
+    def cannot_measure(model) -> str | None:
+        """Why ModelStats cannot record this model (None: it can); for callers that skip statistics up front."""
+        impl = getattr(base_model(model).config, "_attn_implementation", None)
         if impl not in OWN_ATTENTION:
-            raise ValueError(f"ModelStats computes attention itself; attn_implementation {impl!r} is not supported "
-                             "(load the model with the default sdpa)")
+            return (f"ModelStats computes attention itself; attn_implementation {impl!r} is not supported "
+                    "(load the model with the default sdpa)")
+        return None
+
+    def __enter__(self):
+        reason = self.cannot_measure(self.base)
+        if reason:
+            raise ValueError(reason)
         if any(layer.self_attn.stats_probe is not None for layer in self.layers):
             raise RuntimeError("ModelStats is already active on this model (nested use)")
         try:
@@ -141,22 +150,31 @@ class ModelStats:
         B, H, T, d = q.shape
         k = k.repeat_interleave(attn.n_rep, dim=1)  # query head h reads KV head h // n_rep
         v = v.repeat_interleave(attn.n_rep, dim=1)
-        # fp32 even under autocast: the probabilities are what gets measured
-        with torch.autocast(q.device.type, enabled=False):
-            scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
-            if isinstance(mask, str):
-                if mask == "causal":
-                    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-                    scores = scores.masked_fill(~causal, float("-inf"))
-            else:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            probs = scores.softmax(dim=-1)
-            out = probs @ v.float()
+        # fp32 even under autocast: the probabilities are what gets measured. Batch rows go in chunks so the
+        # [rows, H, T, T] probabilities stay under PROBS_BUDGET elements (an eval batch of long rows beside a
+        # training run's resident memory must not run out of memory)
+        rows = max(1, PROBS_BUDGET // (H * T * T))
         L = attn.layer_idx
-        sink = probs.gather(-1, self.sink_idx.clamp(min=0)[:, None, :, None].expand(B, H, T, 1)).squeeze(-1)
-        qok = self.query_ok[:, None, :].to(torch.float64)
-        self.sums[L, SINK_SUM] += (sink.double() * qok).sum()
-        self.sums[L, SINK_N] += qok.sum() * H
+        outs = []
+        for b0 in range(0, B, rows):
+            sl = slice(b0, b0 + rows)
+            n = q[sl].shape[0]
+            with torch.autocast(q.device.type, enabled=False):
+                scores = (q[sl].float() @ k[sl].float().transpose(-1, -2)) * attn.scaling
+                if isinstance(mask, str):
+                    if mask == "causal":
+                        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+                        scores = scores.masked_fill(~causal, float("-inf"))
+                else:
+                    scores = scores.masked_fill(~(mask[sl] if mask.shape[0] == B else mask), float("-inf"))
+                probs = scores.softmax(dim=-1)
+                outs.append(probs @ v[sl].float())
+            sink = probs.gather(-1, self.sink_idx[sl].clamp(min=0)[:, None, :, None].expand(n, H, T, 1)).squeeze(-1)
+            qok = self.query_ok[sl, None, :].to(torch.float64)
+            self.sums[L, SINK_SUM] += (sink.double() * qok).sum()
+            self.sums[L, SINK_N] += qok.sum() * H
+            del scores, probs
+        out = torch.cat(outs)
         if gate is not None:
             s = torch.sigmoid(gate.detach().float()).squeeze(-1)  # [B, T, H]
             tok = self.token_ok[..., None].to(torch.float64)

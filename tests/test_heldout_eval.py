@@ -230,6 +230,7 @@ def test_a_resumed_run_keeps_its_held_out_slice_and_ends_with_the_uninterrupted_
         [r["eval_loss"] for r in read_metrics(tmp_path / "full", "pretrain") if "eval_loss" in r]
 
 
+STATS_KEYS = {"act_max", "gate_mean", "gate_sparsity", "sink_share", "expert_load_cv", "expert_entropy"}
 STAGES = {  # script, weight name, data, extra flags, eval keys
     "full_sft": ("trainer/train_full_sft.py", "full_sft", "sft.jsonl", ["--from_weight", "pretrain"],
                  ["eval_bpb", "eval_loss"]),
@@ -262,7 +263,13 @@ def test_every_supervised_stage_evaluates_and_writes_the_sidecar(stage, tiny_ran
     rows = [json.loads(line) for line in (tmp_path / "ckp" / f"{weight}_64_metrics.jsonl").read_text().splitlines()]
     assert [sorted(k for k in r if k.startswith("eval_")) for r in rows] == [keys, keys]
     assert all(r["mfu"] > 0 for r in rows) and "held-out evaluation: 4 of the" in out
-    assert json.loads((out_dir / f"{weight}_64.json").read_text())["eval"] == {"step": 2, **{k: rows[-1][k] for k in keys}}
+    # the model statistics ride along by default (the tiny model is gated, dense): summaries and per-layer keys
+    stats = ["act_max", "gate_mean", "gate_sparsity", "sink_share"]
+    assert [sorted(k for k in r if k in STATS_KEYS) for r in rows] == [stats, stats]
+    assert all(f"layers/sink_share_L{i}" in r and f"layers/gate_mean_L{i}" in r for r in rows for i in (0, 1))
+    assert 0 < rows[-1]["sink_share"] < 1 and 0 < rows[-1]["gate_mean"] < 1
+    assert json.loads((out_dir / f"{weight}_64.json").read_text())["eval"] == {
+        "step": 2, **{k: rows[-1][k] for k in keys + stats}}
 
 
 @pytest.mark.slow

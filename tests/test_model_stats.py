@@ -63,6 +63,26 @@ def test_same_output_inside_and_exactly_the_same_after(gate, moe):
     assert ("expert_load_cv" in keys and "layers/expert_load_L1_E3" in keys) == moe
 
 
+def test_rows_in_chunks_give_the_same_output_and_statistics(monkeypatch):
+    """The explicit attention bounds its fp32 probabilities (PROBS_BUDGET): one batch row at a time must give the
+    whole batch's output and statistics, padded row included."""
+    import model.model_stats as ms
+    model = tiny(gate=True, moe=True)
+    ids, mask = batch()
+
+    def run():
+        with torch.no_grad(), ModelStats(model) as st:
+            logits = model(ids, attention_mask=mask).logits
+        return logits, st.summary()
+
+    whole, whole_stats = run()
+    monkeypatch.setattr(ms, "PROBS_BUDGET", 1)  # -> one row per chunk
+    chunked, chunked_stats = run()
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    assert chunked_stats.keys() == whole_stats.keys()
+    assert all(math.isclose(chunked_stats[k], whole_stats[k], rel_tol=1e-9, abs_tol=1e-12) for k in whole_stats)
+
+
 def test_an_evaluation_with_stats_does_not_recompile_the_training_model():
     """--use_compile 1: the eval pass runs the unwrapped model inside ModelStats between compiled training steps; after
     it the compiled training forward still hits its cached graph (no new frame)."""

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.lm_dataset import DPODataset, collate_dpo, collate_dpo_packed
 from model.flops import forward_flops, training_flops
+from model.model_stats import ModelStats
 from trainer.rl_utils import frozen_copy, selected_logprobs
 from trainer.trainer_utils import (HeldOutEval, TrainLoop, add_heldout_flags, build_optimizer, build_parser,
                                    check_max_seq_len, dataset_options, init_model, init_run, model_config_from_args,
@@ -102,7 +103,7 @@ def valid_pairs(batch) -> int:
     return int(((n[:b] > 0) & (n[b:] > 0)).sum())
 
 
-def heldout_dpo(args, ctx, model, ref_model, observer=None) -> HeldOutEval:
+def heldout_dpo(args, ctx, model, ref_model, observer=ModelStats) -> HeldOutEval:
     """Held-out preference pairs: eval_reward_accuracy (share of valid pairs whose chosen answer gets the larger
     implicit reward), eval_reward_margin (mean chosen - rejected reward) and eval_dpo_loss, means over valid pairs."""
     normalize = args.loss_type == "sigmoid_norm"

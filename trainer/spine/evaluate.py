@@ -25,7 +25,8 @@ token-weighted over all ranks:
 
 eval_bpb counts bytes per token id from the vocabulary (token_bytes): comparable across tokenizers and vocab sizes.
 Special tokens (<|im_end|>...) spell no text: their NLL is in eval_loss but not in eval_bpb (nanochat's convention).
-An `observer` (model statistics, e.g. model/model_stats.py's ModelStats) is entered around the pass's forwards:
+An `observer` (model statistics: model/model_stats.py's ModelStats by default, so every evaluation also logs gate_*,
+sink_share, act_max and expert_* keys) is entered around the pass's forwards:
 `with observer(raw_model) as st: ...; st.all_reduce(); metrics |= st.summary()`. Keys with "/" (per-layer values) go
 to wandb and the metrics JSONL only, not to the progress line.
 """
@@ -40,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from model.model_stats import ModelStats
 from trainer.spine.common import Logger, UserError
 from trainer.spine.flags import dataset_options
 from trainer.spine.loop import _to_device
@@ -158,6 +160,10 @@ class HeldOutEval:
     def __init__(self, args, ctx, model, *, score, keys, summarize, collate_fn, observer=None):
         self.args, self.ctx, self.model = args, ctx, model
         self.score, self.summarize, self.collate_fn, self.observer = score, summarize, collate_fn, observer
+        why = observer.cannot_measure(model) if hasattr(observer, "cannot_measure") else None
+        if why:  # e.g. a flash-attention run: the losses are still measured, the statistics are not
+            Logger(f"NOTE: the held-out passes record no model statistics: {why}")
+            self.observer = None
         self.keys = sorted(keys)
         self.interval = int(args.eval_interval)
         if self.interval < 0:
@@ -280,7 +286,7 @@ class HeldOutEval:
         return {**metrics, **stats}
 
 
-def lm_heldout(args, ctx, model, tokenizer, observer=None) -> HeldOutEval:
+def lm_heldout(args, ctx, model, tokenizer, observer=ModelStats) -> HeldOutEval:
     """eval_loss / eval_bpb of a causal LM (pretrain, SFT, LoRA, reasoning distillation, distillation's student):
     plain next-token CE over the supervised tokens, whatever the stage's training loss weights."""
     from dataset.lm_dataset import collate_lm
