@@ -32,9 +32,10 @@ import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset, collate_lm, collate_packed
 from model.chat_format import REASONING_TAGS
-from trainer.trainer_utils import (Logger, TrainLoop, UserError, build_optimizer, build_parser, check_max_seq_len,
-                                   dataset_options, init_model, init_run, model_config_from_args, parse_args,
-                                   run_main)
+from model.flops import training_flops
+from trainer.trainer_utils import (Logger, TrainLoop, UserError, add_heldout_flags, build_optimizer, build_parser,
+                                   check_max_seq_len, dataset_options, init_model, init_run, lm_heldout,
+                                   model_config_from_args, parse_args, run_main)
 
 TAGS = REASONING_TAGS
 
@@ -94,6 +95,7 @@ def main():
     parser.add_argument("--tag_weight", type=float, default=10.0,
                         help="<think>/</think>/<answer>/</answer> 标签 token 的损失权重 (1 = 普通 SFT) / "
                              "loss weight of the tag tokens in the answer (1 = plain SFT)")
+    add_heldout_flags(parser, what="eval_loss, eval_bpb: plain CE, tags not weighted")
     args = parse_args(parser)
     if args.tag_weight < 0:
         raise UserError(f"--tag_weight must be >= 0 (got {args.tag_weight}); 1 = plain SFT, 10 = the reference")
@@ -113,7 +115,8 @@ def main():
     # the loss is a weighted mean over supervised tokens: its units are the summed weights (see tag_weighted_ce)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate,
                      config=config, stage="Distill-Reasoning", tokenizer=tokenizer,
-                     count_units=lambda b: float(tag_weights(b["labels"][:, 1:], tag_seqs, args.tag_weight).sum()))
+                     count_units=lambda b: float(tag_weights(b["labels"][:, 1:], tag_seqs, args.tag_weight).sum()),
+                     evaluate=lm_heldout(args, ctx, model, tokenizer), flops=training_flops(config))
 
     # ---------------------------------------------------------------- train
     for batch in loop:

@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset, collate_lm, collate_packed
+from model.flops import Flops, forward_flops, training_flops
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, count_params
-from trainer.trainer_utils import (Logger, TrainLoop, UserError, build_optimizer, build_parser, check_max_seq_len,
-                                   check_model_size, dataset_options, init_model, init_run, load_weights, parse_args,
-                                   run_main, str2bool_int, weight_path)
+from trainer.trainer_utils import (Logger, TrainLoop, UserError, add_heldout_flags, build_optimizer, build_parser,
+                                   check_max_seq_len, check_model_size, dataset_options, init_model, init_run,
+                                   lm_heldout, load_weights, parse_args, run_main, str2bool_int, weight_path)
 
 
 def distillation_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float):
@@ -95,6 +96,7 @@ def main():
                         help="CE 权重, 1-alpha 给蒸馏项 / weight of the label CE; 1-alpha goes to the KD term")
     parser.add_argument("--temperature", type=float, default=1.5,
                         help="蒸馏温度 (Hinton et al. 2015, 常用 1-4) / softmax temperature of the KD term")
+    add_heldout_flags(parser, what="eval_loss, eval_bpb: the student's plain CE on the labels")
     args = parse_args(parser)
     for side in ("student", "teacher"):
         if getattr(args, f"{side}_use_moe") is None:
@@ -145,8 +147,12 @@ def main():
     # --pack 1: whole conversations share rows of <= max_seq_len, each attending to itself only
     collate = partial(collate_packed, max_len=args.max_seq_len) if args.pack else collate_lm
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device, args.optimizer)
+    # MFU counts the work done per token: the student's training and the frozen teacher's forward
+    flops = training_flops(student_config) + (forward_flops(teacher_config) if teacher is not None else Flops(0, 0))
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate,
                      config=student_config, stage="Distillation", tokenizer=tokenizer,
+                     evaluate=lm_heldout(args, ctx, model, tokenizer),
+                     flops=flops,
                      run_name=f"MiniMind-Distill-S{args.student_hidden_size}T{args.teacher_hidden_size}-Epoch-"
                               f"{args.epochs}-BatchSize-{args.batch_size}-LearningRate-{args.learning_rate}")
 

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.lm_dataset import DPODataset, collate_dpo, collate_dpo_packed
+from model.flops import forward_flops, training_flops
 from trainer.rl_utils import frozen_copy, selected_logprobs
-from trainer.trainer_utils import (TrainLoop, build_optimizer, build_parser, check_max_seq_len, dataset_options,
-                                   init_model, init_run, model_config_from_args, parse_args, run_main)
+from trainer.trainer_utils import (HeldOutEval, TrainLoop, add_heldout_flags, build_optimizer, build_parser,
+                                   check_max_seq_len, dataset_options, init_model, init_run, model_config_from_args,
+                                   parse_args, run_main)
 
 
 def token_logps(logits, labels):
@@ -100,6 +102,31 @@ def valid_pairs(batch) -> int:
     return int(((n[:b] > 0) & (n[b:] > 0)).sum())
 
 
+def heldout_dpo(args, ctx, model, ref_model, observer=None) -> HeldOutEval:
+    """Held-out preference pairs: eval_reward_accuracy (share of valid pairs whose chosen answer gets the larger
+    implicit reward), eval_reward_margin (mean chosen - rejected reward) and eval_dpo_loss, means over valid pairs."""
+    normalize = args.loss_type == "sigmoid_norm"
+
+    def score(m, b):
+        ids, labels, mask, index = b["input_ids"], b["labels"], b["attention_mask"], b["sample_index"]
+        n_seq = b["supervised"].shape[0]
+        policy, n_tokens = sequence_logps(m(ids, attention_mask=mask).logits, labels, index, n_seq, normalize)
+        ref, _ = sequence_logps(ref_model(ids, attention_mask=mask).logits, labels, index, n_seq, normalize)
+        loss, mt = dpo_loss(policy, ref, args.beta, n_tokens)
+        n = n_seq // 2 - mt["empty_pairs"]  # the metrics are means over the valid pairs: back to sums
+        return {"pairs": n, "correct": mt["reward_accuracy"] * n, "margin": mt["reward_margin"] * n,
+                "loss": loss * n}
+
+    def summarize(s):
+        if not s["pairs"]:
+            return {}
+        return {"eval_reward_accuracy": s["correct"] / s["pairs"], "eval_reward_margin": s["margin"] / s["pairs"],
+                "eval_dpo_loss": s["loss"] / s["pairs"]}
+
+    return HeldOutEval(args, ctx, model, score=score, keys=("pairs", "correct", "margin", "loss"),
+                       summarize=summarize, collate_fn=collate_dpo, observer=observer)
+
+
 def main():
     parser = build_parser("MiniMind DPO", save_weight="dpo", epochs=1, batch_size=4, learning_rate=4e-8,
                           accumulation_steps=1, log_interval=100, save_interval=100, max_seq_len=1024,
@@ -108,6 +135,7 @@ def main():
                         help="DPO beta: strength of the pull towards the reference (Rafailov et al. 2023; 0.1-0.5)")
     parser.add_argument("--loss_type", type=str, default="sigmoid_norm", choices=["sigmoid_norm", "sigmoid"],
                         help="sigmoid_norm = per-token mean log-prob (MiniMind); sigmoid = summed log-prob (paper/TRL)")
+    add_heldout_flags(parser, eval_samples=200, what="eval_reward_accuracy, eval_reward_margin, eval_dpo_loss")
     args = parse_args(parser)
     ctx = init_run(args)
 
@@ -124,6 +152,8 @@ def main():
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device, args.optimizer)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate,
                      config=config, stage="DPO", tokenizer=tokenizer, count_units=valid_pairs,
+                     evaluate=heldout_dpo(args, ctx, model, ref_model),
+                     flops=training_flops(config) + forward_flops(config),  # the policy trains, the reference runs
                      run_name=f"MiniMind-DPO-Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
     normalize = args.loss_type == "sigmoid_norm"
 

@@ -19,11 +19,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.lm_dataset import SFTDataset, collate_lm, collate_packed
+from model.flops import lora_training_flops
 from model.model_lora import (DEFAULT_TARGETS, apply_lora, base_fingerprint, count_lora_params, lora_state_dict,
                               parse_targets)
-from trainer.trainer_utils import (Logger, TrainLoop, build_optimizer, build_parser, check_max_seq_len,
-                                   dataset_options, init_model, init_run, model_config_from_args, parse_args,
-                                   run_main, weight_path)
+from trainer.trainer_utils import (Logger, TrainLoop, add_heldout_flags, build_optimizer, build_parser,
+                                   check_max_seq_len, dataset_options, init_model, init_run, lm_heldout,
+                                   model_config_from_args, parse_args, run_main, weight_path)
 
 
 def main():
@@ -43,6 +44,7 @@ def main():
     parser.add_argument("--from_dir", type=str, default="out",
                         help="--from_weight 所在目录 / folder of the base weight (LoRA itself goes to --save_dir)")
     parser.extra_path_flags = ("from_dir",)
+    add_heldout_flags(parser)
     args = parse_args(parser)
     # the spine names the resume/metrics files after save_weight; a LoRA run is named by its adapter
     args.save_weight = args.lora_name
@@ -70,7 +72,8 @@ def main():
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate,
                      config=config, stage="LoRA", tokenizer=tokenizer,
                      weights_path=weight_path(args.save_dir, args.lora_name, config.hidden_size, config.use_moe),
-                     weights_state=lora_state_dict,
+                     weights_state=lora_state_dict, evaluate=lm_heldout(args, ctx, model, tokenizer),
+                     flops=lora_training_flops(config, n_lora),
                      run_name=f"MiniMind-LoRA-{args.lora_name}-Epoch-{args.epochs}-BS-{args.batch_size}-"
                               f"LR-{args.learning_rate}")
 

@@ -30,8 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.lm_dataset import PretrainDataset, collate_lm, collate_pretrain_packed
-from trainer.trainer_utils import (TrainLoop, build_optimizer, build_parser, dataset_options, init_model, init_run,
-                                   model_config_from_args, parse_args, run_main)
+from model.flops import training_flops
+from trainer.trainer_utils import (TrainLoop, add_heldout_flags, build_optimizer, build_parser, dataset_options,
+                                   init_model, init_run, lm_heldout, model_config_from_args, parse_args, run_main)
 
 
 def main():
@@ -39,6 +40,7 @@ def main():
                           learning_rate=5e-4, accumulation_steps=8, log_interval=100, save_interval=1000,
                           max_seq_len=340, data_path="dataset/pretrain_hq.jsonl", from_weight="none",
                           wandb_project="MiniMind-Pretrain", group_by_length=0)
+    add_heldout_flags(parser)
     args = parse_args(parser)
     ctx = init_run(args)
 
@@ -51,7 +53,8 @@ def main():
     collate = partial(collate_pretrain_packed, max_len=args.max_seq_len) if args.pack else collate_lm
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device, args.optimizer)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate,
-                     config=config, stage="Pretrain", tokenizer=tokenizer)
+                     config=config, stage="Pretrain", tokenizer=tokenizer,
+                     evaluate=lm_heldout(args, ctx, model, tokenizer), flops=training_flops(config))
 
     # ---------------------------------------------------------------- train
     for batch in loop:

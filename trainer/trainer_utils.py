@@ -29,6 +29,7 @@ Modules (all names are re-exported here, so scripts import from trainer.trainer_
     spine/guards.py      stop signals, non-finite checks, exit codes, start-up checks
     spine/logs.py        wandb (or a no-op) and the metrics JSONL
     spine/loop.py        get_lr, SkipBatchSampler, TrainLoop, optimizer
+    spine/evaluate.py    held-out evaluation of the supervised stages (eval_loss, eval_bpb; DPO's reward accuracy)
 """
 import sys
 from pathlib import Path
@@ -61,3 +62,4 @@ from trainer.spine.logs import init_wandb, MetricsFile, NoOpWandb  # noqa: E402,
 from trainer.spine.loop import (  # noqa: E402,F401
     build_optimizer, get_lr, RolloutUpdates, SkipBatchSampler, supervised_tokens, TrainLoop,
 )
+from trainer.spine.evaluate import add_heldout_flags, HeldOutEval, lm_heldout  # noqa: E402,F401

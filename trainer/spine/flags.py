@@ -17,7 +17,7 @@ COMMON_DEFAULTS = dict(
     pack=1, group_by_length=1,
 )
 # Flags that hold paths: given defaults resolve against the repo root, user values against the cwd.
-PATH_FLAGS = ("save_dir", "data_path", "tokenizer_path", "checkpoint_dir")
+PATH_FLAGS = ("save_dir", "data_path", "tokenizer_path", "checkpoint_dir", "eval_data_path")
 
 
 def build_parser(description: str, skip: tuple[str, ...] = (), **defaults) -> argparse.ArgumentParser:
@@ -88,6 +88,10 @@ def build_parser(description: str, skip: tuple[str, ...] = (), **defaults) -> ar
              "non-finite loss or grad norm (each is skipped, not applied)")
     add("skip_bad_lines", type=str2bool_int, default=0, choices=[0, 1],
         help="跳过格式错误的数据行并计数 / skip malformed JSONL lines (counted) instead of stopping")
+    add("peak_tflops", type=float, default=None,
+        help="单卡峰值算力, 用于 MFU / one device's peak TFLOP/s for mfu = achieved FLOP/s / (peak x processes) "
+             "(default: the bf16 dense peak of RTX 3090/4090, A100, H100, H200 by device name; CPU: no mfu); "
+             "stages that count FLOPs: pretrain, SFT, LoRA, DPO, distillation")
     return p
 
 
@@ -128,6 +132,7 @@ def validate_args(args) -> None:
     _need(args, "warmup_iters", lambda v: v >= 0, ">= 0", "0 = no warmup")
     _need(args, "num_workers", lambda v: v >= 0, ">= 0", "0 = load data in the main process")
     _need(args, "max_bad_steps", lambda v: v >= 1, ">= 1", "e.g. --max_bad_steps 3")
+    _need(args, "peak_tflops", lambda v: v > 0, "> 0 (TFLOP/s)", "e.g. --peak_tflops 989 for an H100 SXM")
     if getattr(args, "optimizer", "adamw") == "muon" and getattr(args, "fsdp", 0):
         raise UserError("--optimizer muon does not run with --fsdp 1: Muon orthogonalises whole matrices and FSDP "
                         "gives each rank a shard of them; use DDP (--fsdp 0) or --optimizer adamw")

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from dataset.lm_dataset import GROUP_CHUNK, GROUP_FILL, group_by_length
+from model.flops import Flops, peak_flops
 from model.model_minimind import MiniMindConfig
 from trainer.spine.checkpoint import (check_resume_identity, gather_module_state, gather_train_state, lm_checkpoint,
                                       load_optimizer_state, load_trainable_state_dict, optimizer_owner, read_sidecar,
@@ -178,7 +179,11 @@ class TrainLoop:
     resume_objects: extra things with state_dict()/load_state_dict() saved in the resume file (critic, tracker...).
     evaluate: (opt_step, last) -> dict of held-out metrics or None, called after each optimizer step; a dict is
         logged with that step's row (trainer/answer_eval.py's PeriodicEval, --eval_interval). RL stages: after
-        each rollout batch (several steps may pass between calls).
+        each rollout batch (several steps may pass between calls). A hook with hold_out(dataset, resume) (spine/
+        evaluate.py's HeldOutEval) gets the dataset first and returns the training part; its `held_out` goes into
+        the resume file. Its time is left out of tokens/s; its last values go into the weights' sidecar.
+    flops: model/flops.py's Flops of one trained token (the stage's models: training + frozen forwards): the
+        progress line then shows achieved TFLOP/s and, against the GPU's bf16 peak or --peak_tflops, mfu.
     rollout: RolloutUpdates for RL stages: iteration yields one prompt batch per accumulation window and the stage
         calls update() with its rollout, which takes iterations x mini-batches optimizer steps (see update).
     """
@@ -186,7 +191,8 @@ class TrainLoop:
     def __init__(self, args, ctx: RunContext, *, model, optimizer, dataset, collate_fn, config: MiniMindConfig,
                  stage: str, tokenizer=None, weights_path: str | None = None, weights_state=None,
                  resume_objects: dict | None = None, run_name: str | None = None, checkpoint_name: str | None = None,
-                 count_units=supervised_tokens, evaluate=None, rollout: RolloutUpdates | None = None):
+                 count_units=supervised_tokens, evaluate=None, rollout: RolloutUpdates | None = None,
+                 flops: Flops | None = None):
         self.args, self.ctx, self.config, self.stage = args, ctx, config, stage
         self.raw_model = model
         # named optimizers ({"actor": a, "critic": c}) get their own clipping and grad-norm metric
@@ -201,6 +207,8 @@ class TrainLoop:
         self.weights_state = weights_state or (lambda m: m.state_dict())
         self.resume_objects = resume_objects or {}
         self.evaluate = evaluate
+        self.flops, self.peak = flops, self._peak(args, ctx) if flops is not None else None
+        self.last_eval = None  # {"step": s, metric: value} of the last evaluation: the sidecar's "eval"
         self.resume_path = resume_path(args.checkpoint_dir, self.weight_name, config)
         metrics_path = self.resume_path.replace("_resume.pth", "_metrics.jsonl")
         self.accum = args.accumulation_steps
@@ -228,13 +236,15 @@ class TrainLoop:
 
         # resume: optimizer steps done, micro-batches done (global_step), data position (epoch + samples into it)
         self.start_epoch, self.skip_samples, self.global_step, self.opt_step = 0, 0, 0, 0
-        self.order, self.resumed_order = self._grouping(args, dataset), None
-        self._epoch_order = self.order
-        self.bad_steps, self.bad_in_a_row, self.empty_windows, self.overflow_steps = 0, 0, 0, 0
-        self.identity = run_identity(stage, dataset, args)
+        self.identity = run_identity(stage, dataset, args)  # of the whole file, held-out records included
         ckp = lm_checkpoint(config, self.weight_name, save_dir=args.checkpoint_dir) if args.from_resume else None
         if ckp is not None:
             check_resume_identity(ckp, self.identity, self.resume_path)
+        if hasattr(evaluate, "hold_out"):  # before any count or order is derived from the dataset
+            self.dataset = dataset = evaluate.hold_out(dataset, ckp)
+        self.order, self.resumed_order = self._grouping(args, dataset), None
+        self._epoch_order = self.order
+        self.bad_steps, self.bad_in_a_row, self.empty_windows, self.overflow_steps = 0, 0, 0, 0
         if args.from_resume and ckp is None:
             Logger(f"--from_resume 1 but no {self.resume_path}: starting from scratch")
         if ckp is not None:
@@ -278,6 +288,21 @@ class TrainLoop:
         self.epoch, self.step = self.start_epoch, 0
         if ctx.is_main:
             self._print_plan(len(dataset), metrics_path)
+
+    @staticmethod
+    def _peak(args, ctx) -> float | None:
+        """Peak FLOP/s of one device for mfu: --peak_tflops, else the GPU's bf16 dense peak (model/flops.py's table);
+        None (no mfu) on a CPU or an unknown GPU without --peak_tflops."""
+        if getattr(args, "peak_tflops", None):
+            return args.peak_tflops * 1e12
+        if ctx.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(ctx.device)
+        peak = peak_flops(name)
+        if peak is None and ctx.is_main:
+            Logger(f"NOTE: no bf16 peak known for '{name}': mfu is not logged; pass --peak_tflops (the GPU's dense "
+                   "bf16 TFLOP/s) to get it")
+        return peak
 
     def _print_plan(self, samples: int, metrics_path: str) -> None:
         """What the run will do, before the first step (which may take a while to show with a big model)."""
@@ -369,6 +394,7 @@ class TrainLoop:
                    "the next epochs use the current flags")
         self.global_step, self.opt_step = ckp.get("global_step", 0), ckp.get("opt_step", 0)
         self.bad_steps, self.empty_windows = ckp.get("bad_steps", 0), ckp.get("empty_windows", 0)
+        self.last_eval = ckp.get("last_eval")
         Logger(f"resumed from {path}: step {self.opt_step}, epoch {self.start_epoch + 1}, {self.skip_samples} "
                f"samples into it (saved with world size {ckp.get('world_size')}, now {self.ctx.world_size})")
         # resume file and weights are written one after the other: a kill between the two, or a failed write of one,
@@ -494,7 +520,11 @@ class TrainLoop:
         args = self.args
         epoch_done = i == n
         last = (epoch_done and epoch == args.epochs - 1) or self.opt_step >= self.total_steps
+        t = time.time()
         evals = self.evaluate(self.opt_step, last) if self.evaluate else None
+        if evals:
+            self._t_last += time.time() - t  # tokens/s and mfu measure training, not the evaluation
+            self.last_eval = {"step": self.opt_step, **{k: v for k, v in evals.items() if "/" not in k}}
         if self.opt_step % args.log_interval == 0 or epoch_done or last or evals:
             self._log(samples_done, evals)
         elif steps_before == self._start_opt_step:  # the run's first step is shown at once, whatever --log_interval
@@ -654,6 +684,9 @@ class TrainLoop:
             self._batch_tokens = int(mask.sum())
             self._real += self._batch_tokens
             self._numel += ids.numel()
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            # attention FLOPs grow with the row width the kernel computes over (model/flops.py)
+            self._token_width += self._batch_tokens * ids.shape[1]
 
     # -- per-step
     def backward(self, loss: torch.Tensor, units=None, num_tokens: int | None = None, aux=None, **metrics) -> None:
@@ -739,7 +772,7 @@ class TrainLoop:
 
     def _reset_log(self) -> None:
         self._sums, self._counts, self._tokens, self._grad_norms = {}, {}, 0, {}
-        self._real, self._numel = 0, 0
+        self._real, self._numel, self._token_width = 0, 0, 0
 
     def _log(self, samples_done: int, evals: dict | None = None, record: bool = True) -> None:
         """The progress line (rank 0), and with `record` a metrics row to wandb and the JSONL; the averages restart.
@@ -747,12 +780,12 @@ class TrainLoop:
         row per --log_interval steps."""
         keys = sorted(self._sums)
         local = [float(self._sums[k]) for k in keys] + [self._counts[k] for k in keys] + \
-            [self._tokens, self._real, self._numel]
+            [self._tokens, self._real, self._numel, self._token_width]
         if self.ctx.ddp:  # sums over ranks in one collective; every rank logs the same keys
             t = torch.tensor(local, dtype=torch.float64, device=self.ctx.device)
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             local = t.tolist()
-        tokens, real, numel = local[-3:]
+        tokens, real, numel, token_width = local[-4:]
         n = len(keys)
         row = {k: v / max(c, 1) for k, v, c in zip(keys, local[:n], local[n:2 * n])}
         row.update({k: float(v) for k, v in self._grad_norms.items()})  # the last step's norm, not a mean
@@ -767,12 +800,22 @@ class TrainLoop:
         row.update(epoch=self.epoch + 1, global_step=self.opt_step, micro_step=self.global_step,
                    samples=samples_done, skipped_steps=self.bad_steps, empty_steps=self.empty_windows,
                    eta_min=eta_min, tokens_per_s=tokens / max(now - self._t_last, 1e-9))
+        if self.flops is not None and tokens:
+            flops = self.flops.per_token * tokens + self.flops.per_token_seq * token_width
+            row["flops_per_token"] = flops / tokens
+            row["tflops"] = row["flops_per_token"] * row["tokens_per_s"] / 1e12  # achieved, all ranks together
+            if self.peak:
+                row["mfu"] = row["tflops"] * 1e12 / (self.peak * self.ctx.world_size)
         if record:
             self._t_last = now
         if self.ctx.is_main:
             mem = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GB" if self.ctx.device.type == "cuda" else ""
-            parts = " ".join(f"{k} {row[k]:.4f}" for k in keys + sorted(self._grad_norms) + sorted(evals or {}))
+            # per-layer values ("layers/...") go to wandb and the JSONL only
+            shown = [k for k in sorted(evals or {}) if "/" not in k]
+            parts = " ".join(f"{k} {row[k]:.4f}" for k in keys + sorted(self._grad_norms) + shown)
             real_part = f" | real {row['real_tokens']:.0%}" if numel else ""
+            if "tflops" in row:
+                real_part += f" | {row['tflops']:.3g} TFLOP/s" + (f" mfu {row['mfu']:.1%}" if "mfu" in row else "")
             bad = f" | skipped {self.bad_steps}" if self.bad_steps else ""
             print(f"Epoch [{self.epoch + 1}/{self.args.epochs}] step {self.opt_step}/{self.total_steps} | {parts} "
                   f"| lr {row['lr']:.3e} | {row['tokens_per_s']:.0f} tok/s{real_part}{bad} | ETA {eta_min:.1f}min"
@@ -810,7 +853,7 @@ class TrainLoop:
                           bad_steps=self.bad_steps, empty_windows=self.empty_windows,
                           data_order=self._epoch_order if samples else self.order, run_identity=self.identity,
                           schedule={"max_steps": self.args.max_steps, "epochs": self.args.epochs},
-                          **extras)
+                          heldout=getattr(self.evaluate, "held_out", None), last_eval=self.last_eval, **extras)
             written.append(self.resume_path)
         except SaveError as e:
             failed.append(str(e))
@@ -819,7 +862,7 @@ class TrainLoop:
             save_weights(weights, self.weights_path, self.config, tokenizer=self.tokenizer,
                          stage=self.stage, weight=self.args.save_weight, epoch=epoch, step=self.opt_step,
                          global_step=self.opt_step, tokenizer_path=getattr(self.args, "tokenizer_path", None),
-                         args=vars(self.args))
+                         args=vars(self.args), **({"eval": self.last_eval} if self.last_eval else {}))
             written.append(self.weights_path)
         except SaveError as e:
             failed.append(str(e))
