@@ -106,6 +106,19 @@ def ema(values: list[float], weight: float) -> list[float]:
     return out
 
 
+def save_png(fig, out: Path, dpi: int) -> None:
+    """Write the figure through a temp file and rename (a crash never leaves half a PNG), then free it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+
+
 def plot(runs: dict, keys: list[str], out: Path, smooth: float, logy: set[str], title: str | None,
          dpi: int) -> dict:
     """Draw and save one PNG; returns what it drew (path, runs, metrics)."""
@@ -148,15 +161,7 @@ def plot(runs: dict, keys: list[str], out: Path, smooth: float, logy: set[str], 
     if len(labels) > 1:  # constrained layout makes room for an "outside" legend (below when a title takes the top)
         fig.legend(handles, labels, loc=f"outside {'lower' if title else 'upper'} center", ncol=min(len(labels), 4),
                    fontsize=9, frameon=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
+    save_png(fig, out, dpi)
     print(f"wrote {out} ({len(keys)} metrics, {len(runs)} run{'s' if len(runs) > 1 else ''})")
     return {"path": str(out), "runs": list(runs), "keys": keys}
 
