@@ -147,3 +147,41 @@ def test_muon_under_ddp_keeps_the_replicas_identical(tmp_path):
                        "--batch_size", "2", "--accumulation_steps", "2", "--max_steps", "4", "--optimizer", "muon",
                        tmp=tmp_path)
     assert "weights identical on all 2 ranks" in log and "step 4/4" in log
+
+
+def test_train_s_counts_training_time_and_leaves_evaluations_out(tmp_path, monkeypatch):
+    """The metrics rows' train_s (what the optimizer experiment compares at equal wall-clock): seconds of training
+    since the loop started, without the evaluation passes. A fake clock: each training batch takes 1 s, each
+    evaluation 100 s."""
+    import json
+    import types
+    import trainer.spine.loop as loop_module
+    from test_trainer_utils import FixedTokens, collate, tiny_config
+    from trainer.trainer_utils import TrainLoop, build_parser, init_run, parse_args
+
+    clock = [1000.0]
+    monkeypatch.setattr(loop_module, "time", types.SimpleNamespace(time=lambda: clock[0]))
+
+    def evaluate(step, last):  # the stages' hook: a pass on every 2nd step and the last, else nothing
+        if step % 2 and not last:
+            return None
+        clock[0] += 100.0
+        return {"eval_loss": 1.0}
+
+    args = parse_args(build_parser("test"), ["--device", "cpu", "--dtype", "float32", "--num_workers", "0",
+                                             "--save_dir", str(tmp_path / "out"), "--checkpoint_dir",
+                                             str(tmp_path / "ckp"), "--hidden_size", "64", "--log_interval", "1",
+                                             "--batch_size", "2", "--accumulation_steps", "1"])
+    ctx = init_run(args)
+    config = tiny_config()
+    model = MiniMindForCausalLM(config)
+    loop = TrainLoop(args, ctx, model=model, optimizer=build_optimizer(model, 1e-3, kind="muon"),
+                     dataset=FixedTokens(), collate_fn=collate, config=config, stage="test", evaluate=evaluate)
+    for batch in loop:
+        clock[0] += 1.0
+        loop.backward(loop.model(batch["input_ids"], labels=batch["labels"]).loss)
+    loop.finish()
+    rows = [json.loads(x) for x in (tmp_path / "ckp" / "pretrain_64_metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["train_s"] for r in rows] == [1.0, 2.0, 3.0, 4.0, 5.0]  # 300 s of evaluation left out
+    assert [("eval_loss" in r) for r in rows] == [False, True, False, True, True]

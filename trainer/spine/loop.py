@@ -435,7 +435,7 @@ class TrainLoop:
         optimizer step. RL stages (rollout=RolloutUpdates(...)): the window's prompts as one batch; the stage rolls
         them out and calls update(), which runs that rollout's optimizer steps."""
         self._t0 = self._t_last = time.time()
-        self._steps_run = 0
+        self._steps_run, self._eval_s = 0, 0.0
         signals = StopSignals(f"[rank {self.ctx.rank}] " if self.ctx.ddp else "")
         signals.install()
         try:
@@ -524,6 +524,7 @@ class TrainLoop:
         evals = self.evaluate(self.opt_step, last) if self.evaluate else None
         if evals:
             self._t_last += time.time() - t  # tokens/s and mfu measure training, not the evaluation
+            self._eval_s += time.time() - t
             self.last_eval = {"step": self.opt_step, **{k: v for k, v in evals.items() if "/" not in k}}
         if self.opt_step % args.log_interval == 0 or epoch_done or last or evals:
             self._log(samples_done, evals)
@@ -799,7 +800,8 @@ class TrainLoop:
         row.update(evals or {})  # held-out metrics of this step (--eval_interval), already summed over ranks
         row.update(epoch=self.epoch + 1, global_step=self.opt_step, micro_step=self.global_step,
                    samples=samples_done, skipped_steps=self.bad_steps, empty_steps=self.empty_windows,
-                   eta_min=eta_min, tokens_per_s=tokens / max(now - self._t_last, 1e-9))
+                   eta_min=eta_min, tokens_per_s=tokens / max(now - self._t_last, 1e-9),
+                   train_s=now - self._t0 - self._eval_s)  # this process's training time, evaluations left out
         if self.flops is not None and tokens:
             flops = self.flops.per_token * tokens + self.flops.per_token_seq * token_width
             row["flops_per_token"] = flops / tokens
