@@ -21,8 +21,9 @@ of a seed run back to back, so they share the machine's load as far as it can be
 loaded shared machine are noisy, and the table gives each arm's training time so a reader can judge.
 
 Writes {--work_dir}/{arm}_seed{S}/ (weights, metrics, logs), docs/experiment_{name}.json (every number),
-docs/experiment_{name}.png (eval_bpb of every run against documents seen, scripts/plot_metrics.py) and, for the gate,
-docs/experiment_gate_inspect.png (per-layer statistics side by side); prints the Markdown table.
+docs/experiment_{name}.png (held-out eval_bpb and training loss of every run against documents seen, drawn by
+scripts/plot_metrics.py) and, for the gate, docs/experiment_gate_inspect.png (per-layer statistics side by side),
+for the optimizers docs/experiment_optimizer_time.png (against training seconds); prints the Markdown table.
 """
 import argparse
 import json
@@ -141,16 +142,17 @@ def inspect(runs: list, held: Path, out_png: Path, work: Path) -> dict:
     return {m["label"]: m["summary"] for m in json.loads(out_json.read_text())["models"]}
 
 
-def plot(runs: list, out_png: Path, work: Path, title: str) -> None:
-    """eval_bpb of every run against documents seen (the same documents for every arm of a seed)."""
+def plot(runs: list, out_png: Path, work: Path, title: str, x: str = "samples") -> None:
+    """Held-out eval_bpb and the training loss of every run against documents seen (x="samples": the same
+    documents for every arm of a seed) or training seconds (x="train_s"); legend names {arm}_s{seed}."""
     files = []
     for r in runs:
-        f = work / "plots" / f"{r['arm']}_seed{r['seed']}_metrics.jsonl"
+        f = work / "plots" / f"{r['arm']}_s{r['seed']}_metrics.jsonl"
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(Path(r["metrics"]).read_text())
         files.append(str(f))
-    cmd = [sys.executable, str(ROOT / "scripts" / "plot_metrics.py"), *files, "--keys", "eval_bpb", "--x", "samples",
-           "--out", str(out_png), "--title", title]
+    cmd = [sys.executable, str(ROOT / "scripts" / "plot_metrics.py"), *files, "--keys", "eval_bpb,loss",
+           "--x", x, "--out", str(out_png), "--title", title]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: plot_metrics failed:\n{proc.stderr[-2000:]}")
@@ -203,6 +205,8 @@ def main():
         result["inspect"] = stats
         table = gate_table(runs, stats)
     else:
+        plot(runs, docs / "experiment_optimizer_time.png", work,
+             f"held-out eval_bpb against training seconds, {args.hidden_size}x{args.num_hidden_layers}", x="train_s")
         table, verdict = optimizer_table(runs)
         result["verdict"] = {str(k): v for k, v in verdict.items()}
         wins = all(v["muon_wins_equal_tokens"] and v["muon_wins_equal_time"] for v in verdict.values())
