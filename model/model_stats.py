@@ -141,13 +141,17 @@ class ModelStats:
         B, H, T, d = q.shape
         k = k.repeat_interleave(attn.n_rep, dim=1)  # query head h reads KV head h // n_rep
         v = v.repeat_interleave(attn.n_rep, dim=1)
-        scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
-        if isinstance(mask, str):
-            if mask == "causal":
-                scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-        else:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1)
+        # fp32 even under autocast: the probabilities are what gets measured
+        with torch.autocast(q.device.type, enabled=False):
+            scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
+            if isinstance(mask, str):
+                if mask == "causal":
+                    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+                    scores = scores.masked_fill(~causal, float("-inf"))
+            else:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probs = scores.softmax(dim=-1)
+            out = probs @ v.float()
         L = attn.layer_idx
         sink = probs.gather(-1, self.sink_idx.clamp(min=0)[:, None, :, None].expand(B, H, T, 1)).squeeze(-1)
         qok = self.query_ok[:, None, :].to(torch.float64)
@@ -159,7 +163,7 @@ class ModelStats:
             self.sums[L, GATE_SUM] += (s.double() * tok).sum()
             self.sums[L, GATE_LOW_N] += ((s < GATE_LOW).double() * tok).sum()
             self.sums[L, GATE_N] += tok.sum() * H
-        return (probs @ v.float()).to(q.dtype)
+        return out.to(q.dtype)
 
     def _layer_output(self, i):
         def hook(module, args, output):

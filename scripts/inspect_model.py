@@ -64,8 +64,9 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, conflict_handler="resolve")
     add_model_args(p)
     add_device_arg(p)
-    p.add_argument("--weight", type=str, nargs="+", default=["full_sft"],
-                   help="权重 / one or more: a weight name in --save_dir, a .pth path, or a transformers folder")
+    p.add_argument("--weight", type=str, nargs="+", default=None,
+                   help="权重 / one or more: a weight name in --save_dir, a .pth path, or a transformers folder "
+                        "(default: full_sft)")
     p.add_argument("--labels", type=str, nargs="+", default=None, help="names in the table and picture, one per weight")
     p.add_argument("--data_path", type=str, default=None,
                    help="pretrain or SFT JSONL to run (default: the built-in bilingual texts)")
@@ -206,7 +207,10 @@ def main(argv=None):
     for name in ("max_samples", "max_seq_len", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)} must be >= 1")
-    items = [args.hf_dir] if args.hf_dir else args.weight
+    if args.hf_dir and args.weight:
+        raise UserError("--hf_dir and --weight both name a model; to compare a folder with weights, list them all in "
+                        "--weight (a transformers folder is accepted there)")
+    items = [args.hf_dir] if args.hf_dir else args.weight or ["full_sft"]
     if args.labels and len(args.labels) != len(items):
         raise UserError(f"--labels gives {len(args.labels)} names for {len(items)} weights")
     results = []

@@ -5,15 +5,19 @@
         --out compare.png --smooth 0.6
     python scripts/plot_metrics.py checkpoints/grpo_*_metrics.jsonl --keys reward,kl,loss --out grpo.png
     python scripts/plot_metrics.py checkpoints/*_metrics.jsonl --per_run --out plots/run.png  # plots/run_{name}.png
+    python scripts/plot_metrics.py on/pretrain_640_moe_metrics.jsonl:"gate on" \
+        off/pretrain_640_moe_metrics.jsonl:"gate off" --keys eval_bpb,sink_share,act_max --out gate.png
 
 Every training stage appends each logged row to checkpoints/{weight}_{hidden}{_moe}_metrics.jsonl (loss, lr, grad
 norm, tokens/s, and the stage's own metrics: reward, kl, lr_actor...). Every numeric key is drawn against --x
 (global_step by default, then step, then the row number); non-numeric values, booleans and the counters (epoch,
-step, global_step) and eta_min are skipped unless --keys names them. A resumed run logs some steps again: the last
-row for a step wins, so the curve shows the run that continued. --smooth A draws an exponential moving average
-(weight A on the past, bias-corrected, as TensorBoard does) over a faint raw curve. The run name in the legend is the
-file name without _metrics.jsonl. Output: one PNG (matplotlib, Agg backend: no display needed), or one per run with
---per_run.
+step, global_step, micro_step, samples) and eta_min are skipped unless --keys names them, and so are per-layer keys
+(with a "/", e.g. layers/sink_share_L3: dozens of them; name them in --keys to draw some). Keys logged only at some
+steps (held-out eval_loss, eval_bpb, the gate/sink/act/expert statistics) are drawn at those steps. A resumed run
+logs some steps again: the last row for a step wins, so the curve shows the run that continued. --smooth A draws an
+exponential moving average (weight A on the past, bias-corrected, as TensorBoard does) over a faint raw curve. The
+run name in the legend is FILE:LABEL's label, else the file name without _metrics.jsonl. Output: one PNG
+(matplotlib, Agg backend: no display needed), or one per run with --per_run.
 """
 import argparse
 import json
@@ -35,10 +39,18 @@ class UserError(SystemExit):
         super().__init__(f"error: {message}")
 
 
-SKIP = {"epoch", "step", "global_step", "eta_min"}
+SKIP = {"epoch", "step", "global_step", "micro_step", "samples", "eta_min"}
 # a readable order for the usual keys; anything else follows alphabetically
 PREFERRED = ["loss", "reward", "kl", "lr", "lr_actor", "lr_critic", "grad_norm", "grad_norm_actor", "grad_norm_critic",
              "tokens_per_s"]
+
+
+def split_label(arg: str) -> tuple[Path, str | None]:
+    """FILE or FILE:LABEL -> (path, label or None). A path that exists as typed is a file even with a colon in it."""
+    path, sep, label = arg.rpartition(":")
+    if not sep or Path(arg).is_file() or not label or "/" in label or "\\" in label:
+        return Path(arg), None
+    return Path(path), label
 
 
 def run_name(path: Path) -> str:
@@ -93,6 +105,7 @@ def series_keys(runs: dict, keys: list[str] | None, x_names: set[str]) -> list[s
         return keys
     found = {k for _, rows in runs.values() for row in rows.values() for k, v in row.items() if is_number(v)}
     found -= SKIP | x_names
+    found = {k for k in found if "/" not in k}
     return [k for k in PREFERRED if k in found] + sorted(found - set(PREFERRED))
 
 
@@ -121,18 +134,20 @@ def save_png(fig, out: Path, dpi: int) -> None:
 
 def plot(runs: dict, keys: list[str], out: Path, smooth: float, logy: set[str], title: str | None,
          dpi: int) -> dict:
-    """Draw and save one PNG; returns what it drew (path, runs, metrics)."""
+    """Draw and save one PNG; returns what it drew (path, runs, metrics, and each curve's raw points)."""
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.1 * nrows), squeeze=False, layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     x_names = sorted({axis for axis, _ in runs.values()})
+    series = {}
     for ax, key in zip(axes.flat, keys):
         for i, (name, (_, rows)) in enumerate(runs.items()):
             xs = [x for x, r in rows.items() if is_number(r.get(key))]
             ys = [float(rows[x][key]) if math.isfinite(rows[x][key]) else float("nan") for x in xs]
             if not xs:
                 continue
+            series.setdefault(key, {})[name] = (xs, ys)
             color = colors[i % len(colors)]
             marker = "o" if len(xs) <= 30 else None  # sparse logs: show where the points are
             if smooth > 0:
@@ -163,13 +178,14 @@ def plot(runs: dict, keys: list[str], out: Path, smooth: float, logy: set[str], 
                    fontsize=9, frameon=False)
     save_png(fig, out, dpi)
     print(f"wrote {out} ({len(keys)} metrics, {len(runs)} run{'s' if len(runs) > 1 else ''})")
-    return {"path": str(out), "runs": list(runs), "keys": keys}
+    return {"path": str(out), "runs": list(runs), "keys": keys, "series": series}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Plot metrics JSONL files (checkpoints/*_metrics.jsonl)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("files", nargs="+", help="metrics JSONL files; several are overlaid")
+    p.add_argument("files", nargs="+", help="metrics JSONL files, each optionally FILE:LABEL (the legend's name); "
+                                            "several are overlaid")
     p.add_argument("--out", type=str, default="metrics.png", help="PNG path (with --per_run: {stem}_{run}.png)")
     p.add_argument("--keys", type=str, default=None, help="comma-separated metrics to draw (default: every numeric)")
     p.add_argument("--x", type=str, default="global_step", help="x axis key (falls back to step, then row number)")
@@ -184,8 +200,10 @@ def main(argv=None):
         raise UserError(f"--smooth {args.smooth}: the EMA weight must be in [0, 1)")
     runs = {}
     for f in args.files:
-        path = Path(f)
-        name = run_name(path)
+        path, label = split_label(f)
+        name = label or run_name(path)
+        if name in runs and label:
+            raise UserError(f"two runs are labelled {label!r}; give each FILE:LABEL its own label")
         if name in runs:  # same file name from two folders: tell them apart by the folder
             name = f"{path.parent.name}/{name}"
         runs[name] = read_run(path, args.x)

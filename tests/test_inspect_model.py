@@ -80,6 +80,9 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert code == 1 and "--labels gives 2 names for 1 weights" in err and "Traceback" not in err
     code, _, err = run_inprocess("scripts/inspect_model.py", "--weight", tmp_path / "model.pth", capsys=capsys)
     assert code == 1 and "expected a file named {weight}_{hidden}[_moe].pth" in err
+    code, _, err = run_inprocess("scripts/inspect_model.py", "--hf_dir", tmp_path, "--weight", "pretrain",
+                                 capsys=capsys)
+    assert code == 1 and "--hf_dir and --weight both name a model" in err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
     code, _, err = run_inprocess("scripts/inspect_model.py", "--weight", tmp_path / "pretrain_64.pth", "--data_path",

@@ -63,6 +63,30 @@ def test_same_output_inside_and_exactly_the_same_after(gate, moe):
     assert ("expert_load_cv" in keys and "layers/expert_load_L1_E3" in keys) == moe
 
 
+def test_an_evaluation_with_stats_does_not_recompile_the_training_model():
+    """--use_compile 1: the eval pass runs the unwrapped model inside ModelStats between compiled training steps; after
+    it the compiled training forward still hits its cached graph (no new frame)."""
+    from torch._dynamo.testing import CompileCounter
+    model = tiny(gate=True, moe=False).train()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    ids, mask = batch()
+    torch._dynamo.reset()
+    try:
+        for _ in range(2):
+            compiled(ids, attention_mask=mask, labels=ids).loss.backward()
+        warm = counter.frame_count
+        model.eval()
+        with torch.no_grad(), ModelStats(model) as st:
+            model(ids, attention_mask=mask)
+        model.train()
+        compiled(ids, attention_mask=mask, labels=ids).loss.backward()
+        assert warm > 0 and counter.frame_count == warm
+        assert "sink_share" in st.summary()
+    finally:
+        torch._dynamo.reset()
+
+
 def test_gate_scores_of_hand_set_weights():
     model = tiny(gate=True, moe=False)
     ids, mask = batch()

@@ -35,8 +35,8 @@ def test_real_runs_one_and_overlaid(tiny_sft, tmp_path):
     pre = tiny_sft / "checkpoints" / "pretrain_64_metrics.jsonl"
     sft = tiny_sft / "checkpoints" / "full_sft_64_metrics.jsonl"
     [one] = pm.main([str(pre), "--out", str(tmp_path / "pre.png")])
-    # every numeric series of the file except the step counters and the ETA, loss first
-    assert set(one["keys"]) == numeric_keys(pre) - {"epoch", "step", "global_step", "eta_min"}
+    # every numeric series of the file except the counters and the ETA, loss first
+    assert set(one["keys"]) == numeric_keys(pre) - {"epoch", "step", "global_step", "micro_step", "samples", "eta_min"}
     assert one["keys"][0] == "loss" and {"lr", "grad_norm", "tokens_per_s"} <= set(one["keys"])
     w, h = png_size(tmp_path / "pre.png")
     assert (w, h) == (1380, 310 * -(-len(one["keys"]) // 3))  # 3 columns of 4.6 x 3.1 inches at 100 dpi
@@ -89,3 +89,38 @@ def test_bad_input_names_the_file_and_line(tmp_path):
                           capture_output=True, text=True, env=script_env(tmp_path), timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_labelled_runs_overlaid_against_tokens(tmp_path):
+    """Two runs (gate on / off) labelled FILE:LABEL, eval metrics only at evaluation steps, drawn against tokens; the
+    per-layer keys (with "/") and the counters stay out unless named."""
+    def write(path, bpb):
+        rows = []
+        for step in range(1, 7):
+            row = {"global_step": step, "micro_step": 2 * step, "samples": 8 * step, "tokens": 1000 * step,
+                   "loss": 5.0 - step * 0.1}
+            if step % 3 == 0:  # evaluated every 3 steps
+                row.update(eval_bpb=bpb - step * 0.01, sink_share=0.5, **{"layers/sink_share_L0": 0.4})
+            rows.append(row)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    on, off = tmp_path / "on" / "pretrain_64_moe_metrics.jsonl", tmp_path / "off" / "pretrain_64_moe_metrics.jsonl"
+    write(on, 2.0)
+    write(off, 2.5)
+    [res] = pm.main([f"{on}:gate on", f"{off}:gate off", "--x", "tokens", "--out", str(tmp_path / "o.png")])
+    assert res["runs"] == ["gate on", "gate off"]
+    assert res["keys"] == ["loss", "eval_bpb", "sink_share"]
+    assert res["series"]["eval_bpb"]["gate on"] == ([3000.0, 6000.0], [1.97, 1.94])
+    assert res["series"]["eval_bpb"]["gate off"] == ([3000.0, 6000.0], [2.47, 2.44])
+    assert res["series"]["loss"]["gate off"][0] == [1000.0 * s for s in range(1, 7)]
+    assert png_size(tmp_path / "o.png")[0] == 1380
+
+    # named per-layer key; unlabelled files of the same name are told apart by their folder
+    [res] = pm.main([str(on), str(off), "--keys", "layers/sink_share_L0", "--out", str(tmp_path / "l.png")])
+    assert res["runs"] == ["pretrain_64_moe", "off/pretrain_64_moe"]
+    assert res["series"]["layers/sink_share_L0"]["off/pretrain_64_moe"] == ([3.0, 6.0], [0.4, 0.4])
+    with pytest.raises(SystemExit, match="two runs are labelled 'x'"):
+        pm.main([f"{on}:x", f"{off}:x", "--out", str(tmp_path / "d.png")])
+    with pytest.raises(SystemExit, match="none.jsonl not found"):
+        pm.main([f"{tmp_path / 'none.jsonl'}:gate on", "--out", str(tmp_path / "d.png")])
