@@ -72,6 +72,20 @@ def run_torchrun(script: str, *args, tmp: Path, nproc: int = 2, timeout: int = 2
     return out
 
 
+def run_until_sigint(script: str, *args, tmp: Path, marker: str, timeout: int = 240) -> tuple[int, str]:
+    """Run `python <script> args...` as a real process and send it SIGINT (a user's Ctrl-C) once a stdout line
+    contains `marker`; returns (exit code, stderr) after it has stopped."""
+    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stdout:
+        if marker in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
 def run_inprocess(script: str, *args, capsys) -> tuple[int, str, str]:
     """Run `python <script> args...` inside this process (runpy, __main__): (exit code, stdout, stderr).
 

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import types
@@ -17,7 +16,7 @@ import types
 import pytest
 import torch
 
-from conftest import (DEMO, ROOT, TINY, dirs, read_metrics, run_inprocess, run_torchrun, script_env,
+from conftest import (DEMO, ROOT, TINY, dirs, read_metrics, run_inprocess, run_torchrun, run_until_sigint,
                       signal_after_step)
 from grad_probe import record_first_step
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
@@ -79,15 +78,8 @@ def test_sigint_saves_a_resume_point_and_the_resumed_run_reaches_the_uninterrupt
     ref, part = tmp_path / "ref", tmp_path / "part"
     assert run_inprocess(PRE, *args, *dirs(ref), capsys=capsys)[0] == 0  # uninterrupted: 60 steps
     # a real process with a DataLoader worker (which must ignore the Ctrl-C that reaches the whole process group)
-    cmd = [sys.executable, str(ROOT / PRE), *map(str, args), *dirs(part), "--num_workers", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(part), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    for line in proc.stdout:
-        if "step 2/60" in line:
-            proc.send_signal(signal.SIGINT)
-            break
-    out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 130, err
+    code, err = run_until_sigint(PRE, *args, *dirs(part), "--num_workers", "1", tmp=part, marker="step 2/60")
+    assert code == 130, err
     stopped = int(err.split("stopped at step ")[1].split(";")[0])
     assert 2 <= stopped < 60 and "; resume with --from_resume 1" in err and "Traceback" not in err
     ckp = torch.load(part / "checkpoints" / "pretrain_64_resume.pth", weights_only=True)

@@ -111,7 +111,7 @@ def main():
     dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, **dataset_options(SFTDataset, args))
     # --pack 1: whole conversations share rows of <= max_seq_len, each attending to itself only
     collate = partial(collate_packed, max_len=args.max_seq_len) if args.pack else collate_lm
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device, args.optimizer)
     # the loss is a weighted mean over supervised tokens: its units are the summed weights (see tag_weighted_ce)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate,
                      config=config, stage="Distill-Reasoning", tokenizer=tokenizer,

@@ -146,7 +146,7 @@ def main():
     dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, **dataset_options(SFTDataset, args))
     # --pack 1: whole conversations share rows of <= max_seq_len, each attending to itself only
     collate = partial(collate_packed, max_len=args.max_seq_len) if args.pack else collate_lm
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device, args.optimizer)
     # MFU counts the work done per token: the student's training and the frozen teacher's forward
     flops = training_flops(student_config) + (forward_flops(teacher_config) if teacher is not None else Flops(0, 0))
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate,

@@ -150,7 +150,7 @@ def main():
     dataset = DPODataset(args.data_path, tokenizer, max_length=args.max_seq_len, **dataset_options(DPODataset, args))
     # --pack 1: the 2B chosen/rejected sequences share rows of <= max_seq_len, each attending to itself only
     collate = partial(collate_dpo_packed, max_len=args.max_seq_len) if args.pack else collate_dpo
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device, args.optimizer)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate,
                      config=config, stage="DPO", tokenizer=tokenizer, count_units=valid_pairs,
                      evaluate=heldout_dpo(args, ctx, model, ref_model),

@@ -186,7 +186,7 @@ def main():
     dataset = load_rl_dataset(args, tokenizer)
     scorer = RewardScorer(args, tokenizer, ctx.device)
     check_reward_source(scorer, dataset, args.data_path)
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device, args.optimizer)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_rl,
                      config=config, stage="GRPO", tokenizer=tokenizer,
                      evaluate=PeriodicEval(args, tokenizer, ctx, model),

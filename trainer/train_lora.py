@@ -67,7 +67,8 @@ def main():
     dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, **dataset_options(SFTDataset, args))
     # --pack 1: whole conversations share rows of <= max_seq_len, each attending to itself only
     collate = partial(collate_packed, max_len=args.max_seq_len) if args.pack else collate_lm
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)  # LoRA tensors only
+    # LoRA tensors only (--optimizer muon refuses: it is for whole-model training)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device, args.optimizer)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate,
                      config=config, stage="LoRA", tokenizer=tokenizer,
                      weights_path=weight_path(args.save_dir, args.lora_name, config.hidden_size, config.use_moe),

@@ -209,8 +209,8 @@ def main(argv=None, reward_model=None):
     dataset = load_rl_dataset(args, tokenizer)
     scorer = RewardScorer(args, tokenizer, ctx.device, reward_model=reward_model)
     check_reward_source(scorer, dataset, args.data_path)
-    actor_opt = build_optimizer(actor, args.learning_rate, args.weight_decay, ctx.device)
-    critic_opt = build_optimizer(critic, args.critic_learning_rate, args.weight_decay, ctx.device)
+    actor_opt = build_optimizer(actor, args.learning_rate, args.weight_decay, ctx.device, args.optimizer)
+    critic_opt = build_optimizer(critic, args.critic_learning_rate, args.weight_decay, ctx.device, args.optimizer)
     loop = TrainLoop(args, ctx, model=actor, optimizer={"actor": actor_opt, "critic": critic_opt}, dataset=dataset,
                      collate_fn=collate_rl, config=config, stage="PPO", tokenizer=tokenizer,
                      resume_objects={"critic": critic, **({"old_actor": old_actor} if old_actor is not None else {})},

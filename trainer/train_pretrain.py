@@ -51,7 +51,7 @@ def main():
                               **dataset_options(PretrainDataset, args))
     # --pack 1: documents fill rows of exactly max_seq_len (one may continue in the next row), see the docstring
     collate = partial(collate_pretrain_packed, max_len=args.max_seq_len) if args.pack else collate_lm
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device, args.optimizer)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate,
                      config=config, stage="Pretrain", tokenizer=tokenizer,
                      evaluate=lm_heldout(args, ctx, model, tokenizer), flops=training_flops(config))

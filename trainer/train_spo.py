@@ -146,7 +146,7 @@ def main():
     check_reward_source(scorer, dataset, args.data_path)
     tracker = AutoAdaptiveValueTracker(scorer.reward_range, args.rho_mode, args.rho_const, args.D_half,
                                        args.clip_lower, args.clip_upper)
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device, args.optimizer)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_rl,
                      config=config, stage="SPO", tokenizer=tokenizer, resume_objects={"tracker": tracker},
                      evaluate=PeriodicEval(args, tokenizer, ctx, model),

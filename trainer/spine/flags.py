@@ -71,6 +71,10 @@ def build_parser(description: str, skip: tuple[str, ...] = (), **defaults) -> ar
              "cosine schedule ends there (0 = --epochs decide)")
     add("seed", type=int, default=42, help="随机种子 / seed (data order uses seed+epoch)")
     add("weight_decay", type=float, default=0.01, help="AdamW weight decay (matrices only, not norms/embeddings)")
+    add("optimizer", type=str, default=d.get("optimizer", "adamw"), choices=["adamw", "muon"],
+        help="优化器 / adamw, or muon: Muon (torch.optim.Muon) for the decoder layers' 2-D matrices and AdamW for the "
+             "embedding, norms, MoE router and value head; the same --learning_rate and --weight_decay drive both "
+             "(Muon's update scaled to AdamW's RMS, Liu et al. 2025). Not with --fsdp 1 or LoRA")
     add("warmup_iters", type=int, default=0, help="线性预热步数 / linear LR warmup (optimizer steps)")
     add("use_compile", type=str2bool_int, default=0, choices=[0, 1], help="torch.compile 模型 / compile the model")
     add("grad_checkpointing", type=str2bool_int, default=0, choices=[0, 1],
@@ -129,6 +133,9 @@ def validate_args(args) -> None:
     _need(args, "num_workers", lambda v: v >= 0, ">= 0", "0 = load data in the main process")
     _need(args, "max_bad_steps", lambda v: v >= 1, ">= 1", "e.g. --max_bad_steps 3")
     _need(args, "peak_tflops", lambda v: v > 0, "> 0 (TFLOP/s)", "e.g. --peak_tflops 989 for an H100 SXM")
+    if getattr(args, "optimizer", "adamw") == "muon" and getattr(args, "fsdp", 0):
+        raise UserError("--optimizer muon does not run with --fsdp 1: Muon orthogonalises whole matrices and FSDP "
+                        "gives each rank a shard of them; use DDP (--fsdp 0) or --optimizer adamw")
     if isinstance(getattr(args, "device", None), str):
         try:
             torch.device(args.device)
