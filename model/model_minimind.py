@@ -241,7 +241,7 @@ class Attention(nn.Module):
         self.scaling = self.head_dim ** -0.5
         self.is_causal = True
         self.num_key_value_groups = self.n_rep
-        # set only inside model/model_stats.py's ModelStats: an explicit attention that records what it sees
+        # set only inside model/model_stats.py's ModelStats: recomputes the attention probabilities to record them
         self.stats_probe = None
 
     def forward(self, x, cos, sin, mask, past_key_values=None, kv_len=None, **kwargs):
@@ -268,10 +268,10 @@ class Attention(nn.Module):
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
 
         dropout_p = self.dropout if self.training else 0.0
-        if self.stats_probe is not None:
-            out = self.stats_probe(self, q, k, v, mask, gate).transpose(1, 2)
-        elif self.config._attn_implementation in OWN_ATTENTION:
+        if self.config._attn_implementation in OWN_ATTENTION:
             out = attend(q, k, v, mask, dropout_p).transpose(1, 2)
+            if self.stats_probe is not None:  # records what the layer attends to; the output stays attend()'s
+                self.stats_probe(self, q, k, v, mask, gate)
         else:
             # a registry backend: `mask` is whatever the caller passed (the model builds none for it), kwargs are
             # the backend's own (vLLM's KV cache handles); it returns [B, T, H, d] or [B*T, H*d]

@@ -23,11 +23,12 @@ tokens), act_max is the maximum over layers, expert_load_cv and expert_entropy a
 Per-layer values go under one section: layers/gate_mean_L0, layers/gate_sparsity_L0, layers/sink_share_L0,
 layers/act_max_L0, layers/expert_load_L0_E3, layers/expert_load_cv_L0, layers/expert_entropy_L0.
 
-How: inside the `with`, each attention layer's `stats_probe` is set, so it computes attention explicitly
-(softmax(QK^T / sqrt(d) + mask) V in fp32, the same output as SDPA up to rounding) and hands over the probabilities
-and gate scores; forward hooks read the decoder layers' outputs and the MoE routers; a pre-hook on the base model
-reads the attention mask and position ids. On exit everything is removed: outside the `with` the model runs exactly
-as before. The explicit attention holds [batch, heads, T, T] fp32 probabilities per layer: keep eval batches modest.
+How: inside the `with`, each attention layer's `stats_probe` is set: after its ordinary attention (whose output is
+used unchanged, so losses measured inside equal those outside bit for bit) the layer hands q, k and the gate scores
+to the probe, which recomputes softmax(QK^T / sqrt(d) + mask) in fp32 to read the probabilities. Forward hooks read
+the decoder layers' outputs and the MoE routers; a pre-hook on the base model reads the attention mask and position
+ids. On exit everything is removed: outside the `with` the model runs exactly as before. The recomputed
+probabilities are held for at most PROBS_BUDGET elements at a time (batch rows in chunks).
 Full forwards only (no KV cache), own attention implementations only (sdpa/eager), no dropout. Accumulators stay on
 the model's device, so recording costs no host synchronisation; summary() reads them once.
 """
@@ -38,7 +39,7 @@ import torch
 from .model_minimind import OWN_ATTENTION
 
 GATE_LOW = 0.1  # a gate score below this counts as "closed" (gate_sparsity)
-PROBS_BUDGET = 1 << 26  # fp32 attention probabilities held at once by the explicit attention (256 MiB)
+PROBS_BUDGET = 1 << 26  # fp32 attention probabilities held at once by the probe (256 MiB)
 # columns of the per-layer sums
 GATE_SUM, GATE_LOW_N, GATE_N, SINK_SUM, SINK_N, ENT_SUM, ENT_N = range(7)
 
@@ -144,18 +145,17 @@ class ModelStats:
         self.token_ok = token_ok
 
     def _attention(self, attn, q, k, v, mask, gate):
-        """softmax(QK^T * scale + mask) V in fp32 -> [B, H, T, d] in q's dtype; records the sink share and gates."""
+        """Records the sink share (from softmax(QK^T * scale + mask) in fp32) and the gate scores. The layer's output
+        is still its ordinary attention: metrics computed inside ModelStats equal those computed outside."""
         if attn.training and attn.dropout > 0:
             raise RuntimeError("ModelStats runs without attention dropout; call model.eval() first")
         B, H, T, d = q.shape
         k = k.repeat_interleave(attn.n_rep, dim=1)  # query head h reads KV head h // n_rep
-        v = v.repeat_interleave(attn.n_rep, dim=1)
         # fp32 even under autocast: the probabilities are what gets measured. Batch rows go in chunks so the
         # [rows, H, T, T] probabilities stay under PROBS_BUDGET elements (an eval batch of long rows beside a
         # training run's resident memory must not run out of memory)
         rows = max(1, PROBS_BUDGET // (H * T * T))
         L = attn.layer_idx
-        outs = []
         for b0 in range(0, B, rows):
             sl = slice(b0, b0 + rows)
             n = q[sl].shape[0]
@@ -168,20 +168,17 @@ class ModelStats:
                 else:
                     scores = scores.masked_fill(~(mask[sl] if mask.shape[0] == B else mask), float("-inf"))
                 probs = scores.softmax(dim=-1)
-                outs.append(probs @ v[sl].float())
             sink = probs.gather(-1, self.sink_idx[sl].clamp(min=0)[:, None, :, None].expand(n, H, T, 1)).squeeze(-1)
             qok = self.query_ok[sl, None, :].to(torch.float64)
             self.sums[L, SINK_SUM] += (sink.double() * qok).sum()
             self.sums[L, SINK_N] += qok.sum() * H
             del scores, probs
-        out = torch.cat(outs)
         if gate is not None:
             s = torch.sigmoid(gate.detach().float()).squeeze(-1)  # [B, T, H]
             tok = self.token_ok[..., None].to(torch.float64)
             self.sums[L, GATE_SUM] += (s.double() * tok).sum()
             self.sums[L, GATE_LOW_N] += ((s < GATE_LOW).double() * tok).sum()
             self.sums[L, GATE_N] += tok.sum() * H
-        return out.to(q.dtype)
 
     def _layer_output(self, i):
         def hook(module, args, output):
