@@ -1,4 +1,5 @@
-"""What the RL stages (train_ppo.py, train_grpo.py, train_spo.py, train_agent.py) share: prompts, rollouts, log-probs, rewards.
+"""What the RL stages (train_ppo.py, train_grpo.py, train_spo.py, train_agent.py) share: prompts, rollouts,
+log-probs, rewards.
 
     from trainer.rl_utils import RewardScorer, completion_logprobs, k3_kl, masked_mean, rollout
     ro = rollout(loop.raw_model, tokenizer, batch["prompt"], num_return_sequences=8, max_new_tokens=128,
