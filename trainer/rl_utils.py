@@ -1,4 +1,5 @@
-"""What the RL stages (train_ppo.py, train_grpo.py, train_spo.py) share: prompts, rollouts, log-probs, rewards.
+"""What the RL stages (train_ppo.py, train_grpo.py, train_spo.py, train_agent.py) share: prompts, rollouts,
+log-probs, rewards.
 
     from trainer.rl_utils import RewardScorer, completion_logprobs, k3_kl, masked_mean, rollout
     ro = rollout(loop.raw_model, tokenizer, batch["prompt"], num_return_sequences=8, max_new_tokens=128,
@@ -56,31 +57,37 @@ from trainer.trainer_utils import Logger, UserError, is_sharded, root_path, str2
 DEFAULT_REWARD_MODEL_PATH = "../internlm2-1_8b-reward"
 RM_CLIP = 3.0  # reward-model scores are clipped to [-3, 3]
 FORMAT_REWARD, TAG_REWARD = 0.5, 0.25
+ADV_EPS = 1e-4  # added to the reward std of a group before dividing
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Flags shared by the RL scripts
 
 def add_rl_args(parser: argparse.ArgumentParser, *, beta: float = 0.02, max_gen_len: int = 1536,
-                reasoning: int = 1) -> argparse.ArgumentParser:
+                reasoning: int = 1, rewards: bool = True) -> argparse.ArgumentParser:
     """--beta --max_gen_len --reasoning --reward_model_path --answer_reward --temperature (reference §1.0), and
-    --mini_batch_size (several optimizer steps per rollout batch)."""
+    --mini_batch_size (several optimizer steps per rollout batch). rewards=False leaves out the three reward-source
+    flags (--reasoning --reward_model_path --answer_reward) for a stage with its own reward (train_agent.py)."""
     parser.add_argument("--beta", type=float, default=beta,
                         help="KL 惩罚系数 / weight of the k3 KL to the frozen reference policy (MiniMind 0.02; "
                              "the GRPO paper used 0.04; DAPO and Dr. GRPO use 0). 0 builds no reference model: one "
                              "policy's memory and one forward per rollout saved")
     parser.add_argument("--max_gen_len", type=int, default=max_gen_len,
                         help="生成的最大长度 / max new tokens per completion (--max_seq_len is the prompt length)")
-    parser.add_argument("--reasoning", type=str2bool_int, default=reasoning, choices=[0, 1],
-                        help="推理模型: 从 reason 权重开始并加 <think>/<answer> 格式奖励 / start from `reason` "
-                             "weights and add the format/tag rewards; 0: start from full_sft, no format reward")
-    parser.add_argument("--reward_model_path", type=str, default=DEFAULT_REWARD_MODEL_PATH,
-                        help="奖励模型本地目录 / local dir of a reward model: an HF sequence classifier or an "
-                             "InternLM-style model with get_score (e.g. internlm2-1_8b-reward); 'none' = rule-based "
-                             "rewards only (also the automatic fallback when the default path does not exist)")
-    parser.add_argument("--answer_reward", type=float, default=1.0,
-                        help="可验证答案奖励权重 / weight of the rule-based reward for prompts whose reference answer "
-                             "is a number (the demo arithmetic prompts): +w if the final answer equals it; 0 = off")
+    if rewards:
+        parser.add_argument("--reasoning", type=str2bool_int, default=reasoning, choices=[0, 1],
+                            help="推理模型: 从 reason 权重开始并加 <think>/<answer> 格式奖励 / start from "
+                                 "`reason` weights and add the format/tag rewards; 0: start from full_sft, no "
+                                 "format reward")
+        parser.add_argument("--reward_model_path", type=str, default=DEFAULT_REWARD_MODEL_PATH,
+                            help="奖励模型本地目录 / local dir of a reward model: an HF sequence classifier or an "
+                                 "InternLM-style model with get_score (e.g. internlm2-1_8b-reward); 'none' = "
+                                 "rule-based rewards only (also the automatic fallback when the default path does "
+                                 "not exist)")
+        parser.add_argument("--answer_reward", type=float, default=1.0,
+                            help="可验证答案奖励权重 / weight of the rule-based reward for prompts whose reference "
+                                 "answer is a number (the demo arithmetic prompts): +w if the final answer equals "
+                                 "it; 0 = off")
     parser.add_argument("--temperature", type=float, default=0.8, help="采样温度 / sampling temperature")
     parser.add_argument("--mini_batch_size", type=int, default=0,
                         help="每个优化步的样本数 / completions per optimizer step per rank: a rollout batch "
@@ -183,7 +190,8 @@ class Rollout:
         P = self.prompt_len
         am = self.attention_mask[rows]
         lead = max(int(am[:, :P].sum(dim=1).max()), 1)  # the longest prompt (left-padded) of these rows
-        R = max(int(self.completion_mask[rows].sum(dim=1).max()), 1)
+        # the longest completion, from the attention mask: a tool rollout's loss mask has 0s inside (tool turns)
+        R = max(int(am[:, P:].sum(dim=1).max()), 1)
         cols = slice(P - lead, P + R)
         picked = rows.tolist()
         return Rollout(input_ids=self.input_ids[rows][:, cols], attention_mask=am[:, cols], prompt_len=lead,
@@ -812,6 +820,69 @@ def policy_updates(loop, ro: Rollout, advantages: torch.Tensor, args, ctx, *, re
     loop.update(loss_fn, len(ro.completions), row_units=objective_units(mask, args.loss_type, args.max_gen_len),
                 metrics=metrics)
     return rollout_logp
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Group advantages (GRPO and the agent stage)
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale: bool = True) -> torch.Tensor:
+    """(r - group mean) / (group population std + 1e-4); rows i*G .. i*G+G-1 form prompt i's group.
+    scale=False: r - group mean (Dr. GRPO)."""
+    groups = rewards.view(-1, num_generations)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(dim=1, unbiased=False, keepdim=True) + ADV_EPS)
+    return centred.view(-1)
+
+
+def batch_stats(rewards: torch.Tensor, all_reduce=None):
+    """(mean, population std) over the rewards of every rank, from one all-reduce of [count, sum, sum of squares]
+    in fp64. all_reduce: an in-place sum over ranks (default dist.all_reduce when a process group is up)."""
+    r = rewards.detach().double()
+    stats = torch.stack([torch.ones_like(r).sum(), r.sum(), (r * r).sum()])
+    if all_reduce is None and dist.is_initialized():
+        all_reduce = dist.all_reduce
+    if all_reduce is not None:
+        all_reduce(stats)
+    n, total, squares = stats.unbind()
+    mean = total / n
+    return mean, (squares / n - mean * mean).clamp(min=0).sqrt()
+
+
+def batch_advantages(rewards: torch.Tensor, all_reduce=None, scale: bool = True):
+    """(r - batch mean) / (batch population std + 1e-4) over the completions of every rank: the baseline of a
+    group of one (--num_generations 1). Returns (advantages, mean, std), mean and std as 0-dim tensors."""
+    mean, std = batch_stats(rewards, all_reduce)
+    adv = rewards.detach().double() - mean
+    if scale:
+        adv = adv / (std + ADV_EPS)
+    return adv.to(rewards.dtype), mean.float(), std.float()
+
+
+def advantages_of(rewards: torch.Tensor, num_generations: int, scale_rewards: str) -> tuple[torch.Tensor, dict]:
+    """The advantages of a rollout batch and their logged extras (--num_generations, --scale_rewards)."""
+    if num_generations == 1:
+        adv, mean, std = batch_advantages(rewards, scale=scale_rewards != "none")
+        return adv, {"baseline": mean, "baseline_std": std}
+    if scale_rewards == "batch":  # group baseline, the whole rollout batch's std (all ranks)
+        _, std = batch_stats(rewards)
+        return group_advantages(rewards, num_generations, scale=False) / (std.float() + ADV_EPS), {}
+    return group_advantages(rewards, num_generations, scale=scale_rewards == "group"), {}
+
+
+def zero_std_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """[groups] bool: the groups whose rewards are all equal (advantage 0 for every member: no signal)."""
+    groups = rewards.view(-1, num_generations)
+    return (groups == groups[:, :1]).all(dim=1)
+
+
+def group_policy_updates(loop, b: RolloutBatch, args, ctx, *, ref_model=None, metrics: dict) -> None:
+    """The advantages of a rollout batch's rewards (advantages_of: --num_generations, --scale_rewards), logged with
+    their mean and std, then its optimizer steps (policy_updates). GRPO and the agent stage."""
+    advantages, adv_extra = advantages_of(b.rewards, args.num_generations, args.scale_rewards)
+    metrics.update(adv_extra, advantage_mean=advantages.mean(),
+                   advantage_std=advantages.std(unbiased=False) if advantages.numel() > 1 else 0.0)
+    policy_updates(loop, b.rollout, advantages, args, ctx, ref_model=ref_model, metrics=metrics)
 
 
 def rl_metrics(b: RolloutBatch) -> dict:

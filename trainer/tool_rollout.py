@@ -8,6 +8,7 @@ scripts/eval_toolcall.py and the agent RL stage.
     r = results[0]
     r.ids, r.mask          # the whole conversation as token ids; mask 1 on tokens the model generated, else 0
     score_task(tasks[0], r)  # {"success", "calls", "valid_calls", "malformed_calls", "tool_errors", ...}
+    as_rollout(results, tokenizer.pad_token_id)   # one padded RL batch for the policy updates (train_agent.py)
 
 Token ids are the source of truth: each turn continues from exactly the ids generated so far (never re-rendered
 text), so the loss mask lines up with what the model saw. The model's tokens (each reply up to and including its
@@ -33,8 +34,8 @@ import torch
 from model import chat_format
 from model.chat_format import IM_END, THINK_OPEN
 from trainer.chat_utils import ReplyParser
-from trainer.rl_utils import NUMBER, completion_mask_from_ids, left_pad
-from trainer.tools import execute
+from trainer.rl_utils import NUMBER, Rollout, completion_mask_from_ids, left_pad
+from trainer.tools import execute, tool_schemas
 from trainer.trainer_utils import UserError, unwrap, user_path
 
 
@@ -42,8 +43,10 @@ from trainer.trainer_utils import UserError, unwrap, user_path
 # Tasks
 
 
-def load_tool_tasks(path: str, limit: int = 0) -> list[dict]:
-    """The tasks of a JSONL file (see the module docstring); a bad line is a UserError naming it."""
+def load_tool_tasks(path: str, limit: int = 0, tools: list[str] | None = None) -> list[dict]:
+    """The tasks of a JSONL file (see the module docstring); a bad line is a UserError naming it. tools: the tool
+    names a run may execute; a task without "tools" is offered all of them, one offering any other is a
+    UserError."""
     tasks, full = [], user_path(path)
     if not os.path.isfile(full):
         raise UserError(f"{path}: no such file; pass --data_path a JSONL of tool tasks (e.g. "
@@ -60,6 +63,15 @@ def load_tool_tasks(path: str, limit: int = 0) -> list[dict]:
             if not isinstance(msgs, list) or not msgs or not isinstance(rec.get("gt"), str):
                 raise UserError(f'{path}:{n}: a tool task needs "conversations" (a list of messages) and "gt" (the '
                                 'reference answer as a string); see scripts/make_tool_data.py')
+            if tools is not None:
+                offered = tool_names(rec)
+                if not rec.get("tools"):
+                    rec["tools"] = tool_schemas(tools)
+                elif not set(offered) <= set(tools):
+                    other = ", ".join(sorted(set(offered) - set(tools)))
+                    raise UserError(f"{path}:{n}: the task offers tool(s) {other} that this run does not run "
+                                    f"(--tools {','.join(tools)}); add them to --tools (names from trainer/tools.py) "
+                                    "or drop the task")
             tasks.append(rec)
             if limit and len(tasks) == limit:
                 break
@@ -213,6 +225,30 @@ def tool_rollout(model, tokenizer, tasks: list[dict], *, max_turns: int = 3, max
             still.append(i)
         active = still
     return outs
+
+
+def as_rollout(results: list[TaskRollout], pad_id: int, device=None) -> Rollout:
+    """The task rollouts as one RL batch (rl_utils.Rollout) for the GRPO-family updates: prompts left-padded to one
+    width P, everything after them (replies and tool turns) right-padded to one width R. The attention mask is 1 on
+    every real token, tool turns included (the model reads them); the completion mask is each TaskRollout's mask,
+    so only the model's own tokens carry loss. truncated: a reply hit its token limit or the task hit the length
+    limit (--mask_truncated_completions). prompts: empty strings (the tasks hold the prompts)."""
+    P = max(r.prompt_len for r in results)
+    R = max(len(r.ids) - r.prompt_len for r in results)
+    n = len(results)
+    input_ids = torch.full((n, P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, P + R), dtype=torch.long)
+    completion_mask = torch.zeros((n, R), dtype=torch.float32)
+    for i, r in enumerate(results):
+        rest = len(r.ids) - r.prompt_len
+        input_ids[i, P - r.prompt_len:P + rest] = torch.tensor(r.ids, dtype=torch.long)
+        attention_mask[i, P - r.prompt_len:P + rest] = 1
+        completion_mask[i, :rest] = torch.tensor(r.mask[r.prompt_len:], dtype=torch.float32)
+    input_ids, attention_mask, completion_mask = (t.to(device) for t in (input_ids, attention_mask, completion_mask))
+    return Rollout(input_ids=input_ids, attention_mask=attention_mask, prompt_len=P,
+                   completion_ids=input_ids[:, P:], completion_mask=completion_mask,
+                   completions=["".join(r.replies) for r in results], prompts=[""] * n,
+                   truncated=torch.tensor([r.truncated for r in results], dtype=torch.bool, device=device))
 
 
 def score_task(task: dict, r: TaskRollout) -> dict:

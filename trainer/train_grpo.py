@@ -34,70 +34,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 from dataset.lm_dataset import collate_rl  # noqa: E402
 from trainer.answer_eval import PeriodicEval, add_eval_args  # noqa: E402
-from trainer.rl_utils import (RewardScorer, RolloutBatch, add_policy_args, add_rl_args,  # noqa: E402
+from trainer.rl_utils import (ADV_EPS, RewardScorer, RolloutBatch, add_policy_args, add_rl_args,  # noqa: E402
                               check_policy_args, check_reward_source, check_rl_args, concat_rollouts,
-                              describe_objective, load_rl_dataset, policy_updates, reference_policy, rl_from_weight,
-                              rl_metrics, sample_and_score)
+                              describe_objective, group_policy_updates, load_rl_dataset, reference_policy,
+                              rl_from_weight, rl_metrics, sample_and_score, zero_std_groups)
+# the group advantages moved to rl_utils (the agent stage shares them); tests call them here
+from trainer.rl_utils import advantages_of, batch_advantages, group_advantages  # noqa: E402,F401
 from trainer.trainer_utils import (Logger, RolloutUpdates, TrainLoop, UserError, build_optimizer,  # noqa: E402
                                    build_parser, init_model, init_run, model_config_from_args, parse_args, run_main)
 
-ADV_EPS = 1e-4
 DYNAMIC_ROUNDS = 3  # extra generate calls per rollout batch at most under --dynamic_sampling 1
-
-
-def group_advantages(rewards: torch.Tensor, num_generations: int, scale: bool = True) -> torch.Tensor:
-    """(r - group mean) / (group population std + 1e-4); rows i*G .. i*G+G-1 form prompt i's group.
-    scale=False: r - group mean (Dr. GRPO)."""
-    groups = rewards.view(-1, num_generations)
-    centred = groups - groups.mean(dim=1, keepdim=True)
-    if scale:
-        centred = centred / (groups.std(dim=1, unbiased=False, keepdim=True) + ADV_EPS)
-    return centred.view(-1)
-
-
-def batch_stats(rewards: torch.Tensor, all_reduce=None):
-    """(mean, population std) over the rewards of every rank, from one all-reduce of [count, sum, sum of squares]
-    in fp64. all_reduce: an in-place sum over ranks (default dist.all_reduce when a process group is up)."""
-    r = rewards.detach().double()
-    stats = torch.stack([torch.ones_like(r).sum(), r.sum(), (r * r).sum()])
-    if all_reduce is None and dist.is_initialized():
-        all_reduce = dist.all_reduce
-    if all_reduce is not None:
-        all_reduce(stats)
-    n, total, squares = stats.unbind()
-    mean = total / n
-    return mean, (squares / n - mean * mean).clamp(min=0).sqrt()
-
-
-def batch_advantages(rewards: torch.Tensor, all_reduce=None, scale: bool = True):
-    """(r - batch mean) / (batch population std + 1e-4) over the completions of every rank: the baseline of a
-    group of one (--num_generations 1). Returns (advantages, mean, std), mean and std as 0-dim tensors."""
-    mean, std = batch_stats(rewards, all_reduce)
-    adv = rewards.detach().double() - mean
-    if scale:
-        adv = adv / (std + ADV_EPS)
-    return adv.to(rewards.dtype), mean.float(), std.float()
-
-
-def advantages_of(rewards: torch.Tensor, num_generations: int, scale_rewards: str) -> tuple[torch.Tensor, dict]:
-    """The advantages of a rollout batch and their logged extras (--num_generations, --scale_rewards)."""
-    if num_generations == 1:
-        adv, mean, std = batch_advantages(rewards, scale=scale_rewards != "none")
-        return adv, {"baseline": mean, "baseline_std": std}
-    if scale_rewards == "batch":  # group baseline, the whole rollout batch's std (all ranks)
-        _, std = batch_stats(rewards)
-        return group_advantages(rewards, num_generations, scale=False) / (std.float() + ADV_EPS), {}
-    return group_advantages(rewards, num_generations, scale=scale_rewards == "group"), {}
-
-
-def zero_std_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
-    """[groups] bool: the groups whose rewards are all equal (advantage 0 for every member: no signal)."""
-    groups = rewards.view(-1, num_generations)
-    return (groups == groups[:, :1]).all(dim=1)
 
 
 def group_rows(groups: torch.Tensor, num_generations: int) -> torch.Tensor:
@@ -206,10 +155,8 @@ def main():
         if args.dynamic_sampling:
             b, filled = fill_informative_groups(b, loop, tokenizer, scorer, args, ctx)
             extra.update(filled)
-        advantages, adv_extra = advantages_of(b.rewards, G, args.scale_rewards)
-        metrics.update(extra, **adv_extra, advantage_mean=advantages.mean(),
-                       advantage_std=advantages.std(unbiased=False) if advantages.numel() > 1 else 0.0)
-        policy_updates(loop, b.rollout, advantages, args, ctx, ref_model=ref_model, metrics=metrics)
+        metrics.update(extra)
+        group_policy_updates(loop, b, args, ctx, ref_model=ref_model, metrics=metrics)
     loop.finish()
 
 
