@@ -228,7 +228,7 @@ def main():
     model, tokenizer = init_model(config, args.from_weight, args.tokenizer_path, args.save_dir, ctx.device)
     ref_model = reference_policy(model, args.beta)
     dataset = ToolTaskDataset(args.data_path, tokenizer, tools, args)
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, ctx.device, args.optimizer)
     loop = TrainLoop(args, ctx, model=model, optimizer=optimizer, dataset=dataset, collate_fn=collate_tasks,
                      config=config, stage="Agent", tokenizer=tokenizer,
                      evaluate=ToolEval(args, tokenizer, ctx, model, tools),
