@@ -91,7 +91,7 @@ def one_seed(seed, data, args):
               "--dtype", "float32", "--num_workers", 0, "--save_dir", out, "--checkpoint_dir", ckpt, "--seed", seed]
     # --max_steps only ends a run early: enough epochs over the documents (32 per step) to reach it
     epochs = -(-args.pretrain_steps * 32 // args.pretrain_docs)
-    t = run("trainer/train_pretrain.py", *common, "--data_path", data / "pretrain.jsonl", "--max_seq_len", 160,
+    t = run("trainer/train_pretrain.py", *common, "--data_path", data / "pretrain.jsonl", "--max_seq_len", 200,
             "--batch_size", 32, "--accumulation_steps", 1, "--learning_rate", 3e-3, "--epochs", epochs,
             "--max_steps", args.pretrain_steps, "--log_interval", 20, log=logs / "pretrain.log")
     t += run("trainer/train_full_sft.py", *common, "--data_path", data / "sft.jsonl", "--max_seq_len", 96,
@@ -152,7 +152,7 @@ def main():
     p.add_argument("--hidden_size", type=int, default=64)
     p.add_argument("--num_hidden_layers", type=int, default=4)
     p.add_argument("--heldout_pairs", type=int, default=150, help="unordered operand pairs held out (both orders)")
-    p.add_argument("--pretrain_docs", type=int, default=4000, help="plain-text documents of 6 worked sums")
+    p.add_argument("--pretrain_docs", type=int, default=4000, help="plain-text documents of 4 worked problems")
     p.add_argument("--pretrain_steps", type=int, default=600)
     p.add_argument("--sft_examples", type=int, default=3000, help="chat traces for SFT")
     p.add_argument("--sft_epochs", type=int, default=3)
@@ -164,7 +164,7 @@ def main():
     p.add_argument("--grpo_lr", type=float, default=3e-4)
     p.add_argument("--beta", type=float, default=0.02)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max_gen_len", type=int, default=40)
+    p.add_argument("--max_gen_len", type=int, default=44)
     p.add_argument("--eval_every", type=int, default=10,
                    help="held-out eval_accuracy logged every N rollout batches during GRPO (--eval_interval)")
     p.add_argument("--report", action="store_true",
