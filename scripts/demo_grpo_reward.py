@@ -3,17 +3,27 @@
     python scripts/demo_grpo_reward.py                       # seeds 1 and 2: pretrain -> SFT -> GRPO (both objectives)
     python scripts/demo_grpo_reward.py --seeds 1 --objectives grpo
 
-The task (dataset/demo/make_demo.py, `addition_*`): a + b with 10 <= a, b <= 99, asked in Chinese or English; the
-answer is a column trace ("<think>\\n7+5=12, carry 1\\n3+4+1=8\\n</think>\\n<answer>\\n82\\n</answer>"). 150
-unordered operand pairs (297 ordered prompts) are held out: neither order of them appears in pretraining, SFT or RL.
-Per seed, every stage is the real script (commands printed): a 64x4 model is pretrained on worked sums as plain
-text, SFT'd on 3000 chat traces, then GRPO'd with the
-rule reward only (1 when the final answer equals the sum) on 2000 other training prompts, once per objective in
---objectives from the same SFT weights with the same rollout budget (steps x batch x generations). Held-out greedy
-accuracy (scripts/eval_answers.py) is measured for the SFT model and for each GRPO model; the run also logs
-eval_accuracy every --eval_every steps (--eval_interval). The table at the end lists every seed, the mean and the
-spread (max - min). Status (README, docs/SESSION_NOTES.md session 5): one seed measured, held-out 0.051 after SFT
--> 0.024 after GRPO (dapo, mu = 2): the issue's +10 point target is not reached at this size.
+The task (dataset/demo/make_demo.py, `addition_*`): a + b with 10 <= a, b <= 99, asked with one of 8 Chinese or
+English templates; the answer is a worked trace that spells the operands digit by digit, adds the ones, the tens with
+the carry, spells the sum's digits, then gives the sum:
+"<think>\\n4,5+3,7\\n5+7=12\\n4+3+1=8\\n8,2\\n</think>\\n<answer>\\n82\\n</answer>". (Why the spelling: the repo
+tokenizer keeps 68 of the 90 two-digit numbers whole, 45 of them also with a leading space, and splits sums
+irregularly ("8","2" / "45" / "1","10" / "10","1"), so without it the model must read digits out of ~180 tokens in one
+step.) 150 unordered operand pairs (297 ordered prompts) are held out: neither order appears in pretraining, SFT or
+RL. Per seed, every stage is the real script (commands printed): a 128x4 model is pretrained on plain-text worked
+problems (question + the same trace, training pairs only), SFT'd on --sft_examples chat traces (few on purpose: the
+SFT model should be imperfect so that RL has room), then GRPO'd with the rule reward only (1 when the final answer
+equals the sum) on --rl_prompts other training prompts, once per objective in --objectives from the same SFT weights
+with the same rollout budget (batches x prompts x generations). Held-out greedy accuracy (scripts/eval_answers.py) is
+measured for the SFT model and for each GRPO model; the run also logs eval_accuracy every --eval_every rollout
+batches (--eval_interval). The table at the end lists every seed, the mean and the spread (max - min).
+
+Status (README "GRPO demo", docs/notes_stages.md): the issue's target (+10 points held-out, 2 seeds) is NOT reached
+and the table has not been measured with these defaults. On seed 0 (used to settle the recipe, not reported) the
+128x4 model after 400 pretraining steps and 1000 SFT traces still misreads the question's operands (1/200 training
+prompts right), so RL gets almost no reward; extra pretraining on drills of that step (not in this script yet) gave
+0.178 held-out, and GRPO at the old --grpo_lr 3e-4 then collapsed it to 0.027 within 10 rollout batches; at 3e-5
+(now the default) 30 batches still lowered it to 0.128: the SFT model needs more reward signal first.
 """
 import argparse
 import json
@@ -91,7 +101,7 @@ def one_seed(seed, data, args):
               "--dtype", "float32", "--num_workers", 0, "--save_dir", out, "--checkpoint_dir", ckpt, "--seed", seed]
     # --max_steps only ends a run early: enough epochs over the documents (32 per step) to reach it
     epochs = -(-args.pretrain_steps * 32 // args.pretrain_docs)
-    t = run("trainer/train_pretrain.py", *common, "--data_path", data / "pretrain.jsonl", "--max_seq_len", 160,
+    t = run("trainer/train_pretrain.py", *common, "--data_path", data / "pretrain.jsonl", "--max_seq_len", 200,
             "--batch_size", 32, "--accumulation_steps", 1, "--learning_rate", 3e-3, "--epochs", epochs,
             "--max_steps", args.pretrain_steps, "--log_interval", 20, log=logs / "pretrain.log")
     t += run("trainer/train_full_sft.py", *common, "--data_path", data / "sft.jsonl", "--max_seq_len", 96,
@@ -149,22 +159,23 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="one full pipeline per seed")
     p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES),
                    help="GRPO objectives to compare at equal rollouts")
-    p.add_argument("--hidden_size", type=int, default=64)
+    p.add_argument("--hidden_size", type=int, default=128)
     p.add_argument("--num_hidden_layers", type=int, default=4)
     p.add_argument("--heldout_pairs", type=int, default=150, help="unordered operand pairs held out (both orders)")
-    p.add_argument("--pretrain_docs", type=int, default=4000, help="plain-text documents of 6 worked sums")
-    p.add_argument("--pretrain_steps", type=int, default=600)
-    p.add_argument("--sft_examples", type=int, default=3000, help="chat traces for SFT")
-    p.add_argument("--sft_epochs", type=int, default=3)
+    p.add_argument("--pretrain_docs", type=int, default=4000, help="plain-text documents of 4 worked problems")
+    p.add_argument("--pretrain_steps", type=int, default=400)
+    p.add_argument("--sft_examples", type=int, default=1000, help="chat traces for SFT")
+    p.add_argument("--sft_epochs", type=int, default=1)
     p.add_argument("--rl_prompts", type=int, default=2000, help="GRPO training prompts (disjoint from SFT's)")
     p.add_argument("--rollout_batches", type=int, default=30,
                    help="GRPO rollout batches per objective (optimizer steps: x its updates per batch)")
     p.add_argument("--batch_size", type=int, default=8, help="GRPO prompts per rollout batch")
     p.add_argument("--num_generations", type=int, default=8)
-    p.add_argument("--grpo_lr", type=float, default=3e-4)
+    p.add_argument("--grpo_lr", type=float, default=3e-5,
+                   help="3e-4 collapsed the SFT model within 10 rollout batches (docs/notes_stages.md)")
     p.add_argument("--beta", type=float, default=0.02)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max_gen_len", type=int, default=40)
+    p.add_argument("--max_gen_len", type=int, default=44)
     p.add_argument("--eval_every", type=int, default=10,
                    help="held-out eval_accuracy logged every N rollout batches during GRPO (--eval_interval)")
     p.add_argument("--report", action="store_true",

@@ -321,16 +321,20 @@ def make_rlaif(rng, n):
 # Column addition with a worked trace (scripts/demo_grpo_reward.py): its own files, written by that script
 
 def column_trace(a, b):
-    """The worked answer for a + b (two-digit operands): ones with carry, tens with the carry, the sum."""
-    o, t = a % 10 + b % 10, a // 10 + b // 10 + (a % 10 + b % 10) // 10
-    think = f"{a % 10}+{b % 10}={o}, carry {o // 10}\n{a // 10}+{b // 10}+{o // 10}={t}"
+    """The worked answer for a + b (two-digit operands), one small step a line: the operands spelled digit by digit
+    ("4,5+3,7": the tokenizer keeps "45" or " 45" whole, so the digits are otherwise hidden inside ~180 tokens), the
+    ones with their carry ("5+7=12"), the tens plus that carry ("4+3+1=8"), the sum's digits ("8,2"), the sum."""
+    o = a % 10 + b % 10
+    t = a // 10 + b // 10 + o // 10
+    digits = ",".join(str(t * 10 + o % 10))
+    think = f"{a // 10},{a % 10}+{b // 10},{b % 10}\n{a % 10}+{b % 10}={o}\n{a // 10}+{b // 10}+{o // 10}={t}\n{digits}"
     return f"<think>\n{think}\n</think>\n<answer>\n{a + b}\n</answer>"
 
 
-def column_text(a, b):
-    """The same procedure as plain pretraining text."""
-    o, t = a % 10 + b % 10, a // 10 + b // 10 + (a % 10 + b % 10) // 10
-    return f"{a}+{b}: {a % 10}+{b % 10}={o}, carry {o // 10}; {a // 10}+{b // 10}+{o // 10}={t}; so {a}+{b}={a + b}."
+def column_text(rng, a, b):
+    """The same worked problem as plain pretraining text: a question (any template, so every spelling of the
+    operands is seen) and the trace, without the chat markup that SFT adds."""
+    return arithmetic_question(rng, a, b, "zh" if rng.random() < 0.5 else "en") + "\n" + column_trace(a, b)
 
 
 def addition_splits(heldout_pairs, split_seed=0):
@@ -360,9 +364,9 @@ def addition_rows(pairs, rng, trace=True):
     return rows
 
 
-def addition_pretrain(pairs, rng, docs, per_doc=6):
-    """Plain-text documents of worked sums drawn from `pairs` (the training pairs only)."""
-    return [{"text": " ".join(column_text(*rng.choice(pairs)) for _ in range(per_doc))} for _ in range(docs)]
+def addition_pretrain(pairs, rng, docs, per_doc=4):
+    """Plain-text documents of worked problems drawn from `pairs` (the training pairs only)."""
+    return [{"text": "\n\n".join(column_text(rng, *rng.choice(pairs)) for _ in range(per_doc))} for _ in range(docs)]
 
 
 IDENTITY_Q = [
