@@ -149,7 +149,7 @@ class ModelStats:
         is still its ordinary attention: metrics computed inside ModelStats equal those computed outside."""
         if attn.training and attn.dropout > 0:
             raise RuntimeError("ModelStats runs without attention dropout; call model.eval() first")
-        B, H, T, d = q.shape
+        B, H, T, _ = q.shape
         k = k.repeat_interleave(attn.n_rep, dim=1)  # query head h reads KV head h // n_rep
         # fp32 even under autocast: the probabilities are what gets measured. Batch rows go in chunks so the
         # [rows, H, T, T] probabilities stay under PROBS_BUDGET elements (an eval batch of long rows beside a

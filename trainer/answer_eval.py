@@ -122,13 +122,14 @@ def evaluate_answers(model, tokenizer, prompts: list[str], answers: list[str], *
 # ----------------------------------------------------------------------------------------------------------------
 # During RL training: --eval_interval / --eval_data_path
 
-def add_eval_args(parser) -> None:
+def add_eval_args(parser, measures: str = "greedy accuracy", logged_as: str = "eval_accuracy",
+                  data: str = "held-out RLAIF/SFT JSONL whose last message is a checkable (numeric) answer; "
+                              "prompts the run does not train on") -> None:
+    """The RL stages' evaluation flags (train_agent passes its own measure and data description)."""
     parser.add_argument("--eval_interval", type=int, default=0,
-                        help="每 N 个优化步评估一次 / greedy accuracy on --eval_data_path every N optimizer steps and "
-                             "at the end, logged as eval_accuracy (0 = off)")
-    parser.add_argument("--eval_data_path", type=str, default=None,
-                        help="留出集 / held-out RLAIF/SFT JSONL whose last message is a checkable (numeric) answer; "
-                             "prompts the run does not train on")
+                        help=f"每 N 个优化步评估一次 / {measures} on --eval_data_path every N optimizer steps and "
+                             f"at the end, logged as {logged_as} (0 = off)")
+    parser.add_argument("--eval_data_path", type=str, default=None, help=f"留出集 / {data}")
 
 
 class PeriodicEval:

@@ -43,6 +43,7 @@ import torch.distributed as dist  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from model import chat_format  # noqa: E402
+from trainer.answer_eval import add_eval_args  # noqa: E402
 from trainer.rl_utils import (RolloutBatch, add_policy_args, add_rl_args, check_policy_args,  # noqa: E402
                               check_rl_args, describe_objective, group_policy_updates, reference_policy, rl_metrics,
                               zero_std_groups)
@@ -199,12 +200,8 @@ def main():
     parser.add_argument("--tools", type=str, default=",".join(TOOLS),
                         help="可执行的工具 / tools the run executes, comma-separated names from trainer/tools.py; a "
                              "task without \"tools\" is offered all of them, a task offering another is an error")
-    parser.add_argument("--eval_interval", type=int, default=0,
-                        help="每 N 个优化步评估一次 / greedy held-out task success on --eval_data_path every N "
-                             "optimizer steps and at the end, logged as eval_success (0 = off)")
-    parser.add_argument("--eval_data_path", type=str, default=None,
-                        help="留出任务 / held-out tool tasks the run does not train on (e.g. "
-                             "dataset/demo/tool_test.jsonl)")
+    add_eval_args(parser, measures="greedy held-out task success", logged_as="eval_success",
+                  data="held-out tool tasks the run does not train on (e.g. dataset/demo/tool_test.jsonl)")
     args = parse_args(parser)
     check_rl_args(args)
     check_policy_args(args)
