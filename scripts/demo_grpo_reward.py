@@ -1,29 +1,27 @@
-"""Proof that RL here improves a skill on prompts it never trained on: two-digit addition with a worked trace.
+"""Proof that RL here improves a skill on prompts it never trained on: sums of five digits with a worked trace.
 
     python scripts/demo_grpo_reward.py                       # seeds 1 and 2: pretrain -> SFT -> GRPO (both objectives)
     python scripts/demo_grpo_reward.py --seeds 1 --objectives grpo
 
-The task (dataset/demo/make_demo.py, `addition_*`): a + b with 10 <= a, b <= 99, asked with one of 8 Chinese or
-English templates; the answer is a worked trace that spells the operands digit by digit, adds the ones, the tens with
-the carry, spells the sum's digits, then gives the sum:
-"<think>\\n4,5+3,7\\n5+7=12\\n4+3+1=8\\n8,2\\n</think>\\n<answer>\\n82\\n</answer>". (Why the spelling: the repo
-tokenizer keeps 68 of the 90 two-digit numbers whole, 45 of them also with a leading space, and splits sums
-irregularly ("8","2" / "45" / "1","10" / "10","1"), so without it the model must read digits out of ~180 tokens in one
-step.) 150 unordered operand pairs (297 ordered prompts) are held out: neither order appears in pretraining, SFT or
-RL. Per seed, every stage is the real script (commands printed): a 128x4 model is pretrained on plain-text worked
-problems (question + the same trace, training pairs only), SFT'd on --sft_examples chat traces (few on purpose: the
-SFT model should be imperfect so that RL has room), then GRPO'd with the rule reward only (1 when the final answer
-equals the sum) on --rl_prompts other training prompts, once per objective in --objectives from the same SFT weights
-with the same rollout budget (batches x prompts x generations). Held-out greedy accuracy (scripts/eval_answers.py) is
-measured for the SFT model and for each GRPO model; the run also logs eval_accuracy every --eval_every rollout
-batches (--eval_interval). The table at the end lists every seed, the mean and the spread (max - min).
+The task (dataset/demo/make_demo.py `sum_*`): "计算：3+5+2+4+7" (4 zh/en templates, the expression always last); the
+worked answer lists the running totals, "<think>\n3,8,10,14,21\n</think>\n<answer>\n21\n</answer>". Every digit
+and every total up to 45 is one token, so total k sits at a fixed distance from digit k of the question: one copy
+and one addition fact per step, which a 128x4 model learns. 300 held-out prompts are orderings of 150 digit
+multisets that never appear, in any order, in pretraining, SFT or RL.
 
-Status (README "GRPO demo", docs/notes_stages.md): the issue's target (+10 points held-out, 2 seeds) is NOT reached
-and the table has not been measured with these defaults. On seed 0 (used to settle the recipe, not reported) the
-128x4 model after 400 pretraining steps and 1000 SFT traces still misreads the question's operands (1/200 training
-prompts right), so RL gets almost no reward; extra pretraining on drills of that step (not in this script yet) gave
-0.178 held-out, and GRPO at the old --grpo_lr 3e-4 then collapsed it to 0.027 within 10 rollout batches; at 3e-5
-(now the default) 30 batches still lowered it to 0.128: the SFT model needs more reward signal first.
+Per seed, every stage is the real script (commands printed, logs in the work folder): a 128x4 model is pretrained on
+plain-text worked problems (--pretrain_steps, every problem seen once), SFT'd on --sft_examples chat traces (few on
+purpose: the SFT model should be imperfect so that RL has room), then GRPO'd with the rule reward only (1 when the
+final answer equals the sum) on --rl_prompts other training prompts, once per objective in --objectives from the
+same SFT weights with the same rollouts (batches x prompts x generations). Held-out greedy accuracy
+(scripts/eval_answers.py) is measured for the SFT model and for each GRPO model; each GRPO run also logs
+eval_accuracy every --eval_every rollout batches. The table lists every seed, the mean and the spread.
+
+Status (README "GRPO demo", docs/notes_stages.md "Session 7"): the issue's target (+10 points held-out, 2 seeds) is
+NOT reached and the 2-seed table has not been measured. On seed 0 (used to settle the recipe, never reported) this
+task gives RL the signal the two-digit one lacked (SFT model: held-out greedy 0.335, pass@8 0.745, sampled 0.164;
+25-40% of the groups all-equal instead of ~88%), but GRPO did not raise held-out accuracy within the budget tried
+(15-30 rollout batches, lr 5e-5 to 1e-3): training reward stayed flat.
 """
 import argparse
 import json
@@ -74,14 +72,17 @@ def write_jsonl(path, rows):
 
 def make_task(data: Path, args):
     """The task's files (same bytes for every seed: the seeds vary the models, not the data)."""
-    train, heldout = make_demo.addition_splits(args.heldout_pairs)
-    sft_pairs, rl_pairs = train[:args.sft_examples], train[args.sft_examples:args.sft_examples + args.rl_prompts]
+    is_train, heldout = make_demo.sum_splits(args.digits, args.heldout_sets, args.heldout_prompts)
     rng = random.Random(0)
     data.mkdir(parents=True, exist_ok=True)
-    write_jsonl(data / "pretrain.jsonl", make_demo.addition_pretrain(train, rng, args.pretrain_docs))
-    write_jsonl(data / "sft.jsonl", make_demo.addition_rows(sft_pairs, rng))
-    write_jsonl(data / "rl_train.jsonl", make_demo.addition_rows(rl_pairs, rng, trace=False))
-    write_jsonl(data / "heldout.jsonl", make_demo.addition_rows(heldout, rng, trace=False))
+    # one problem per ~33 tokens: --pretrain_steps batches of 32 documents of 5 problems, each seen once
+    pretrain = make_demo.sum_train(is_train, rng, args.pretrain_steps * 32 * 5, args.digits)
+    write_jsonl(data / "pretrain.jsonl", make_demo.sum_pretrain(pretrain, rng))
+    write_jsonl(data / "sft.jsonl", make_demo.sum_rows(make_demo.sum_train(is_train, rng, args.sft_examples,
+                                                                           args.digits), rng))
+    write_jsonl(data / "rl_train.jsonl", make_demo.sum_rows(make_demo.sum_train(is_train, rng, args.rl_prompts,
+                                                                                args.digits), rng, trace=False))
+    write_jsonl(data / "heldout.jsonl", make_demo.sum_rows(heldout, rng, trace=False))
     return len(heldout)
 
 
@@ -100,9 +101,8 @@ def one_seed(seed, data, args):
     common = ["--hidden_size", args.hidden_size, "--num_hidden_layers", args.num_hidden_layers, "--device", "cpu",
               "--dtype", "float32", "--num_workers", 0, "--save_dir", out, "--checkpoint_dir", ckpt, "--seed", seed]
     # --max_steps only ends a run early: enough epochs over the documents (32 per step) to reach it
-    epochs = -(-args.pretrain_steps * 32 // args.pretrain_docs)
     t = run("trainer/train_pretrain.py", *common, "--data_path", data / "pretrain.jsonl", "--max_seq_len", 200,
-            "--batch_size", 32, "--accumulation_steps", 1, "--learning_rate", 3e-3, "--epochs", epochs,
+            "--batch_size", 32, "--accumulation_steps", 1, "--learning_rate", 3e-3, "--epochs", 1,
             "--max_steps", args.pretrain_steps, "--log_interval", 20, log=logs / "pretrain.log")
     t += run("trainer/train_full_sft.py", *common, "--data_path", data / "sft.jsonl", "--max_seq_len", 96,
              "--batch_size", 16, "--accumulation_steps", 1, "--learning_rate", 1e-3, "--epochs", args.sft_epochs,
@@ -118,7 +118,8 @@ def one_seed(seed, data, args):
                    "--reasoning", 0, "--reward_model_path", "none", "--from_weight", "full_sft",
                    "--save_weight", weight, "--num_generations", args.num_generations, "--batch_size",
                    args.batch_size, "--max_gen_len", args.max_gen_len, "--temperature", args.temperature,
-                   "--learning_rate", args.grpo_lr, "--beta", args.beta,
+                   "--learning_rate", args.grpo_lr, "--warmup_iters", args.warmup_batches * steps_per_batch,
+                   "--beta", args.beta,
                    "--max_steps", args.rollout_batches * steps_per_batch,
                    "--epochs", -(-args.rollout_batches // batches_per_epoch), "--log_interval", steps_per_batch,
                    "--save_interval", 10 ** 6, "--eval_interval", args.eval_every * steps_per_batch,
@@ -153,7 +154,7 @@ def report(results, objectives, n_heldout, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Held-out GRPO demo: two-digit addition with worked traces",
+    p = argparse.ArgumentParser(description="Held-out GRPO demo: sums of five digits with a worked trace",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--workdir", type=str, default=str(ROOT / "out" / "demo_grpo"), help="data, weights, logs")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="one full pipeline per seed")
@@ -161,22 +162,24 @@ def main():
                    help="GRPO objectives to compare at equal rollouts")
     p.add_argument("--hidden_size", type=int, default=128)
     p.add_argument("--num_hidden_layers", type=int, default=4)
-    p.add_argument("--heldout_pairs", type=int, default=150, help="unordered operand pairs held out (both orders)")
-    p.add_argument("--pretrain_docs", type=int, default=4000, help="plain-text documents of 4 worked problems")
-    p.add_argument("--pretrain_steps", type=int, default=400)
+    p.add_argument("--digits", type=int, default=5, help="digits per problem (0-9 each)")
+    p.add_argument("--heldout_sets", type=int, default=150, help="digit multisets held out in every order")
+    p.add_argument("--heldout_prompts", type=int, default=300, help="held-out prompts drawn from those multisets")
+    p.add_argument("--pretrain_steps", type=int, default=300)
     p.add_argument("--sft_examples", type=int, default=1000, help="chat traces for SFT")
     p.add_argument("--sft_epochs", type=int, default=1)
     p.add_argument("--rl_prompts", type=int, default=2000, help="GRPO training prompts (disjoint from SFT's)")
-    p.add_argument("--rollout_batches", type=int, default=30,
+    p.add_argument("--rollout_batches", type=int, default=15,
                    help="GRPO rollout batches per objective (optimizer steps: x its updates per batch)")
-    p.add_argument("--batch_size", type=int, default=8, help="GRPO prompts per rollout batch")
+    p.add_argument("--batch_size", type=int, default=32, help="GRPO prompts per rollout batch")
     p.add_argument("--num_generations", type=int, default=8)
-    p.add_argument("--grpo_lr", type=float, default=3e-5,
-                   help="3e-4 collapsed the SFT model within 10 rollout batches (docs/notes_stages.md)")
-    p.add_argument("--beta", type=float, default=0.02)
+    p.add_argument("--grpo_lr", type=float, default=1e-4,
+                   help="the lr measured on seed 0 (docs/notes_stages.md); small models collapse at higher ones")
+    p.add_argument("--warmup_batches", type=int, default=2, help="GRPO lr warmup, in rollout batches")
+    p.add_argument("--beta", type=float, default=0.0, help="0: no reference model (DAPO, Dr. GRPO)")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max_gen_len", type=int, default=44)
-    p.add_argument("--eval_every", type=int, default=10,
+    p.add_argument("--max_gen_len", type=int, default=28)
+    p.add_argument("--eval_every", type=int, default=5,
                    help="held-out eval_accuracy logged every N rollout batches during GRPO (--eval_interval)")
     p.add_argument("--report", action="store_true",
                    help="only print the table of the seeds already in --workdir (seed*/result.json)")

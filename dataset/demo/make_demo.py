@@ -318,55 +318,67 @@ def make_rlaif(rng, n):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Column addition with a worked trace (scripts/demo_grpo_reward.py): its own files, written by that script
+# Digit sums with a running-total trace (scripts/demo_grpo_reward.py): its own files, written by that script
 
-def column_trace(a, b):
-    """The worked answer for a + b (two-digit operands), one small step a line: the operands spelled digit by digit
-    ("4,5+3,7": the tokenizer keeps "45" or " 45" whole, so the digits are otherwise hidden inside ~180 tokens), the
-    ones with their carry ("5+7=12"), the tens plus that carry ("4+3+1=8"), the sum's digits ("8,2"), the sum."""
-    o = a % 10 + b % 10
-    t = a // 10 + b // 10 + o // 10
-    digits = ",".join(str(t * 10 + o % 10))
-    think = f"{a // 10},{a % 10}+{b // 10},{b % 10}\n{a % 10}+{b % 10}={o}\n{a // 10}+{b // 10}+{o // 10}={t}\n{digits}"
-    return f"<think>\n{think}\n</think>\n<answer>\n{a + b}\n</answer>"
+SUM_TEMPLATES = ["计算：{}", "求和：\n{}", "Add up:\n{}", "Sum the digits:\n{}"]
 
 
-def column_text(rng, a, b):
-    """The same worked problem as plain pretraining text: a question (any template, so every spelling of the
-    operands is seen) and the trace, without the chat markup that SFT adds."""
-    return arithmetic_question(rng, a, b, "zh" if rng.random() < 0.5 else "en") + "\n" + column_trace(a, b)
+def sum_trace(digits):
+    """The worked answer for the sum of `digits`: the running totals, comma-separated ("3,8,10,14,21"), then the sum.
+    Every total up to 45 is one token of the repo tokenizer and so is every digit, so total k sits at a fixed distance
+    from digit k of the question ("3+5+2+4+7" has the same stride 2): each step is one copy at a constant offset plus
+    one addition fact. Answering without the trace means adding all the digits in one forward pass."""
+    totals = [sum(digits[:i + 1]) for i in range(len(digits))]
+    return f"<think>\n{','.join(map(str, totals))}\n</think>\n<answer>\n{totals[-1]}\n</answer>"
 
 
-def addition_splits(heldout_pairs, split_seed=0):
-    """(train, heldout) lists of ordered operand pairs (a, b), 10 <= a, b <= 99. The held-out set is every order of
-    `heldout_pairs` unordered pairs drawn with split_seed; train is every other pair, shuffled. Disjoint by the
-    unordered pair, so no held-out sum appears anywhere in training, not even with its operands swapped."""
+def sum_question(rng, digits):
+    """A zh or en question that ends with the expression, so the offset from the expression to the reply's trace is
+    the same for every template."""
+    return rng.choice(SUM_TEMPLATES).format("+".join(map(str, digits)))
+
+
+def sum_splits(n_digits=5, heldout_sets=150, heldout_prompts=300, split_seed=0):
+    """(is_train, heldout): the held-out prompts are `heldout_prompts` digit sequences drawn from the orderings of
+    `heldout_sets` multisets of digits; `is_train(seq)` is False for every ordering of those multisets, so no
+    held-out sequence, not even reordered, appears in pretraining, SFT or RL."""
     rng = random.Random(split_seed)
-    unordered = [(a, b) for a in range(10, 100) for b in range(a, 100)]
-    rng.shuffle(unordered)
-    held = set(unordered[:heldout_pairs])
-    train = [(a, b) for a in range(10, 100) for b in range(10, 100) if (min(a, b), max(a, b)) not in held]
-    heldout = sorted({(a, b) for x, y in held for a, b in ((x, y), (y, x))})
-    rng.shuffle(train)
+    multisets = set()
+    while len(multisets) < heldout_sets:
+        multisets.add(tuple(sorted(rng.randrange(10) for _ in range(n_digits))))
+    held = set()
+    ordered = sorted(multisets)
+    while len(held) < heldout_prompts:
+        seq = list(rng.choice(ordered))
+        rng.shuffle(seq)
+        held.add(tuple(seq))
+    heldout = sorted(held)
     rng.shuffle(heldout)
-    return train, heldout
+    return (lambda seq: tuple(sorted(seq)) not in multisets), heldout
 
 
-def addition_rows(pairs, rng, trace=True):
-    """SFT/RLAIF conversations for the pairs: a zh or en question, the worked trace (trace=True) or the bare sum as
-    the checkable last message."""
-    rows = []
-    for a, b in pairs:
-        lang = "zh" if rng.random() < 0.5 else "en"
-        answer = column_trace(a, b) if trace else str(a + b)
-        rows.append({"conversations": [{"role": "user", "content": arithmetic_question(rng, a, b, lang)},
-                                       {"role": "assistant", "content": answer}]})
-    return rows
+def sum_train(is_train, rng, n, n_digits=5):
+    """n training sequences (repeats allowed: there are ~10^n of them)."""
+    out = []
+    while len(out) < n:
+        seq = tuple(rng.randrange(10) for _ in range(n_digits))
+        if is_train(seq):
+            out.append(seq)
+    return out
 
 
-def addition_pretrain(pairs, rng, docs, per_doc=4):
-    """Plain-text documents of worked problems drawn from `pairs` (the training pairs only)."""
-    return [{"text": "\n\n".join(column_text(rng, *rng.choice(pairs)) for _ in range(per_doc))} for _ in range(docs)]
+def sum_rows(seqs, rng, trace=True):
+    """SFT/RLAIF conversations: a question, then the worked trace (trace=True) or the bare sum as the checkable
+    last message."""
+    return [{"conversations": [{"role": "user", "content": sum_question(rng, seq)},
+                               {"role": "assistant", "content": sum_trace(seq) if trace else str(sum(seq))}]}
+            for seq in seqs]
+
+
+def sum_pretrain(seqs, rng, per_doc=5):
+    """Plain-text documents of worked problems (question, newline, trace), `per_doc` each, from `seqs`."""
+    return [{"text": "\n\n".join(sum_question(rng, s) + "\n" + sum_trace(s) for s in seqs[i:i + per_doc])}
+            for i in range(0, len(seqs) - per_doc + 1, per_doc)]
 
 
 IDENTITY_Q = [
