@@ -1,10 +1,12 @@
 """Generate the demo tool-use data in dataset/demo/ (deterministic: the same bytes every run).
 
     python scripts/make_tool_data.py                      # rewrites dataset/demo/tool_{sft,rl,test}.jsonl
-    python scripts/make_tool_data.py --out_dir /tmp/tools --seed 1 --sft 300 --rl 200 --test 120
+    python scripts/make_tool_data.py --out_dir /tmp/tools --sft 2400 --rl 200    # a larger train split (the demo)
 
 Tasks a small model cannot do in its head (products of 4-5 digit numbers, unit conversions with odd factors, dates
 hundreds of days apart, weekdays, table lookups), plus small sums that need no tool, so calling a tool is a choice.
+What the model copies (arguments from the question, the result into the answer) is the same run of tokens where it
+reads and where it writes it (make_task, copy_tokens). Tool schemas without argument descriptions (concise).
 Every answer comes from running the real tool (trainer/tools.py). It lives in scripts/ because it imports trainer/
 (dataset/ may not, tests/test_layering.py).
 
@@ -71,53 +73,58 @@ def pick_date(rng: random.Random, kind: str, test: bool) -> dt.date:
 
 
 def make_task(rng: random.Random, kind: str, test: bool) -> dict:
-    """One task: the question, the tool it needs (None: no tool), the call, the tool's result, the final answer."""
-    zh = rng.random() < 0.25
+    """One task: the question, the tool it needs (None: no tool), the call, the tool's result, the final answer.
+    Phrased so that what the model copies is the same tokens where it reads and where it writes (copy_tokens):
+    a string argument (an expression, a date, a key) follows a non-space character in the question, as it follows
+    '"' in the call; a number argument follows a space, as it follows '": ' in the call; the result follows '**' in
+    the final answer, as it follows a newline in the tool message."""
+    zh = rng.random() < 0.5
     if kind == "multiply":
         while True:
             a = rng.randrange(1000, 100000)
             if in_test(kind, a) == test:
                 break
         b = rng.randrange(1000, 100000)
-        q = f"{a} 乘以 {b} 等于多少？" if zh else rng.choice([f"What is {a} * {b}?", f"Compute {a} × {b}."])
-        c, r = call("calculator", expression=f"{a} * {b}")
-        final = f"{a} × {b} = {r}。" if zh else f"{a} × {b} = {r}."
-        tool = "calculator"
+        e = f"{a} * {b}"
+        q = rng.choice([f"计算{e}", f"{e} 等于多少？"]) if zh else rng.choice([f"{e} = ?", f'What is "{e}"?'])
+        c, r = call("calculator", expression=e)
+        final, tool = f"{e} = **{r}**", "calculator"
     elif kind == "convert":
         src, dst = rng.choice(CONVERSIONS)
         while True:
             v = rng.randrange(11, 9999) / 10
             if in_test(kind, v) == test:
                 break
-        q = rng.choice([f"How many {dst} is {v} {src}?", f"Convert {v} {src} to {dst}."])
+        q = f"把 {v} {src} 换算成 {dst}" if zh else rng.choice([f"How many {dst} is {v} {src}?",
+                                                                 f"Convert {v} {src} to {dst}."])
         c, r = call("unit_convert", value=v, from_unit=src, to_unit=dst)
-        final, tool = f"{v} {src} is {r} {dst}.", "unit_convert"
+        final, tool = f"{v} {src} = **{r}** {dst}", "unit_convert"
     elif kind == "date_add":
         d, n = pick_date(rng, kind, test), rng.randrange(100, 900)
-        before = rng.random() < 0.3
-        q = f"What date was {n} days before {d}?" if before else f"What date is {n} days after {d}?"
-        c, r = call("date_add", date=d.isoformat(), days=-n if before else n)
-        final, tool = f"{n} days {'before' if before else 'after'} {d} is {r}.", "date_add"
+        q = f"{d} 之后 {n} 天是哪一天？" if zh else f"{d} + {n} days = ?"
+        c, r = call("date_add", date=d.isoformat(), days=n)
+        final, tool = f"{d} + {n} days = **{r}**", "date_add"
     elif kind == "days_between":
         d = pick_date(rng, kind, test)
         e = d + dt.timedelta(days=rng.randrange(150, 1500))
-        q = f"How many days are there from {d} to {e}?"
+        q = f"从{d}到{e}有多少天？" if zh else f'How many days are there from "{d}" to "{e}"?'
         c, r = call("days_between", start=d.isoformat(), end=e.isoformat())
-        final, tool = f"From {d} to {e} there are {r} days.", "days_between"
+        final, tool = f"{d} -> {e}: **{r}** days", "days_between"
     elif kind == "weekday":
         d = pick_date(rng, kind, test)
-        q = f"What day of the week is {d}?"
+        q = f"{d}是星期几？" if zh else f"{d}: what day of the week is it?"
         c, r = call("weekday", date=d.isoformat())
-        final, tool = f"{d} is a {r}.", "weekday"
+        final, tool = f"{d}: **{r}**", "weekday"
     elif kind in ("atomic_number", "capital"):
         key = rng.choice(keys_in_split(kind, test))
         c, r = call("lookup", table=kind, key=key)
-        q = rng.choice([f"What is the atomic number of {key}?", f"Which element number is {key}?",
-                        f"{key} 的原子序数是多少？"] if kind == "atomic_number" else
-                       [f"What is the capital of {key}?", f"Which city is the capital of {key}?",
-                        f"{key} 的首都是哪里？"])
-        final = f"The {'atomic number' if kind == 'atomic_number' else 'capital'} of {key} is {r}."
-        tool = "lookup"
+        if kind == "atomic_number":
+            q = f"{key} 的原子序数是多少？" if zh else rng.choice([f"{key}: what is its atomic number?",
+                                                                  f'Atomic number of "{key}"?'])
+        else:
+            q = f"{key} 的首都是哪里？" if zh else rng.choice([f"{key}: what is its capital?",
+                                                              f'Which city is the capital of "{key}"?'])
+        final, tool = f"{key}: **{r}**", "lookup"
     elif kind == "no_tool":
         while True:
             a, b = rng.randrange(1, 10), rng.randrange(1, 10)
@@ -125,15 +132,45 @@ def make_task(rng: random.Random, kind: str, test: bool) -> dict:
                 break
         q = f"{a} 加 {b} 等于多少？" if zh else f"What is {a} + {b}?"
         r = str(a + b)
-        c, final, tool = None, (f"{a}+{b}={r}。" if zh else f"{a} + {b} = {r}."), None
+        c, final, tool = None, f"{a} + {b} = **{r}**", None
     else:
         raise ValueError(kind)
     offered = [tool or "calculator"]
     if rng.random() < 0.3:  # sometimes a second tool, so the model must pick the right one
         offered.append(rng.choice([t for t in DISTRACTORS if t not in offered]))
         rng.shuffle(offered)
-    return {"question": q, "call": c, "result": r, "final": final, "tools": tool_schemas(offered),
+    return {"question": q, "call": c, "result": r, "final": final, "tools": [concise(s) for s in
+                                                                              tool_schemas(offered)],
             "needs_tool": tool is not None, "kind": kind}
+
+
+def concise(schema: dict) -> dict:
+    """A tool's schema without the arguments' descriptions: the prompt is then ~40% shorter (a demo model trains
+    and rolls out that much faster), and the names and types it keeps are all a call needs."""
+    f = schema["function"]
+    props = {k: {kk: vv for kk, vv in v.items() if kk != "description"} for k, v in f["parameters"]["properties"].items()}
+    return {"type": "function", "function": {**f, "parameters": {**f["parameters"], "properties": props}}}
+
+
+# Arguments from a closed list that every split holds (memorised, not copied): their tokens may differ.
+CLOSED_ARGUMENTS = ("from_unit", "to_unit", "table")
+
+
+def copy_tokens(tokenizer, task: dict) -> list[tuple[list[int], list[int]]]:
+    """(the tokens to copy, the tokens copied from) for each value the model copies in a task: every call argument
+    but CLOSED_ARGUMENTS against the question, and the tool's result against the final answer. A string argument is
+    written after '"' in the call (so without a leading space), a number after '": ' (with one); the result is read
+    after a newline. The generator phrases the texts so that each copied value is a run of the same tokens in both
+    (tests/test_tools_data.py)."""
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    pairs = []
+    if task["call"] is not None:
+        for k, v in task["call"]["arguments"].items():
+            if k not in CLOSED_ARGUMENTS:
+                pairs.append((ids(v if isinstance(v, str) else " " + json.dumps(v)), ids(task["question"])))
+        pairs.append((ids(task["result"]), ids(task["final"])))
+    return pairs
 
 
 def sft_record(t: dict) -> dict:
@@ -151,16 +188,22 @@ def rl_record(t: dict) -> dict:
 
 
 def tasks(rng: random.Random, n: int, test: bool, seen: set) -> list[dict]:
-    """n tasks, the kinds in turn, no question twice (within this call and against `seen`)."""
-    out, tries = [], 0
+    """n tasks, the kinds in turn, no question twice (within this call and against `seen`). A kind with no new
+    question left (the lookup tables and the small sums have a few hundred) drops out of the turn, so a large
+    split holds fewer of it."""
+    out, kinds = [], list(KINDS)
     while len(out) < n:
-        tries += 1
-        if tries > 100 * n:
-            raise SystemExit(f"cannot draw {n} distinct tasks for this split; ask for fewer")
-        t = make_task(rng, KINDS[len(out) % len(KINDS)], test)
-        if t["question"] not in seen:
-            seen.add(t["question"])
-            out.append(t)
+        kind = kinds[len(out) % len(kinds)]
+        for _ in range(200):
+            t = make_task(rng, kind, test)
+            if t["question"] not in seen:
+                seen.add(t["question"])
+                out.append(t)
+                break
+        else:
+            kinds.remove(kind)
+            if not kinds:
+                raise SystemExit(f"cannot draw {n} distinct tasks for this split; ask for fewer")
     return out
 
 

@@ -59,8 +59,9 @@ CALL = call_text("calculator", expression="6 * 7")
 
 @pytest.mark.parametrize("needs, path, parts", [
     (True, [CALL, "6 × 7 = 42."], (1.0, 0.2, 0.0)),                              # the tool, then the right answer
-    (True, ["It is 42."], (1.0, 0.0, 0.0)),                                      # right without the tool
-    (True, ["It is 41."], (0.0, 0.0, 0.0)),
+    (True, ["It is 42."], (1.0, 0.0, -0.2)),                 # right without the tool: no try costs as a bad one
+    (True, ["It is 41."], (0.0, 0.0, -0.2)),
+    (True, ["It is 4…"], (0.0, 0.0, -0.2)),                                      # cut off, no call tried
     (True, ["<tool_call>\n{oops}\n</tool_call> 42"], (1.0, 0.0, -0.2)),           # malformed: text, the answer
     (True, [call_text("nope", x=1), "42."], (1.0, 0.0, -0.2)),                  # unknown tool: invalid
     (True, [call_text("calculator", expr="6*7"), "42."], (1.0, 0.0, -0.2)),     # wrong argument name
@@ -152,10 +153,10 @@ def test_logged_loss_of_one_step_equals_the_hand_computation(agent_dir, tok, mon
     def n(text):
         return len(tok(text, add_special_tokens=False)["input_ids"]) + 1  # + <|im_end|>
     n0, n1 = n(CALL) + n("6 × 7 = 42."), n("It is 41.")
-    a = 0.6 / (0.6 + ADV_EPS)  # rewards [1.2, 0]: mean 0.6, population std 0.6
+    a = 0.7 / (0.7 + ADV_EPS)  # rewards [1.2, -0.2] (no call tried): mean 0.5, population std 0.7
     (row,) = read_metrics(agent_dir, "agent")
     assert row["loss"] == pytest.approx(-(a * n0 - a * n1) / (n0 + n1), rel=1e-5)
-    assert row["reward"] == pytest.approx(0.6) and row["reward_format"] == pytest.approx(0.1)
+    assert row["reward"] == pytest.approx(0.5) and row["reward_format"] == pytest.approx(0.1)
     assert row["calls_per_task"] == 0.5 and row["completion_len"] == pytest.approx((n0 + n1) / 2)
     assert row["frac_reward_zero_std"] == 0.0
 
@@ -210,7 +211,7 @@ def test_bad_flags_and_tasks_stop_with_one_line(agent_dir, monkeypatch):
     for extra, says in [(["--num_generations", "1"], "needs >= 2 rollouts"),
                         (["--tools", "calculator,nope"], "unknown tool(s) nope"),
                         (["--fsdp", "1"], "--fsdp 1 is not supported"),
-                        (["--tools", "calculator"], "tool_rl.jsonl:2: the task offers tool(s) unit_convert, weekday"),
+                        (["--tools", "calculator"], "tool_rl.jsonl:2: the task offers tool(s) unit_convert "),
                         (["--max_seq_len", "300"], "raise it to at least")]:
         with pytest.raises(UserError, match=says.replace("(", r"\(").replace(")", r"\)")):
             run_main_in_process(train_agent, monkeypatch, *base, *extra)

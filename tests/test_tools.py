@@ -233,3 +233,42 @@ def test_demo_tool_data_is_deterministic_disjoint_and_tool_checked(tmp_path):
                      "no_tool"}
     assert all(r["needs_tool"] == (r["kind"] != "no_tool") for r in rl + test)
     assert sum(p.stat().st_size for p in DEMO.glob("tool_*")) < 500_000
+
+
+def test_demo_tasks_copy_the_same_tokens_they_read():
+    """What a demo task's model copies is the same run of tokens where it reads it and where it writes it: each
+    argument (but the closed lists: units, table names) in the question and in the call the template renders, the
+    tool's result in the tool message and in the final answer. The byte-level BPE splits ' 6306' as 'Ġ6','30','6'
+    but '6306' after '"' as '6','30','6', so "Compute 6306 * 34936." would make a small model translate tokens."""
+    import random
+    import sys
+    from transformers import AutoTokenizer
+    from conftest import ROOT
+    from model import chat_format
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_tool_data as gen
+    tok = AutoTokenizer.from_pretrained(str(ROOT / "model"))
+
+    def has(part, whole):
+        return any(whole[i:i + len(part)] == part for i in range(len(whole) - len(part) + 1))
+    rng, checked = random.Random(3), 0
+    for i in range(64):  # every kind, both splits, both languages (4 draws of each pair)
+        t = gen.make_task(rng, gen.KINDS[i % len(gen.KINDS)], test=bool(i // len(gen.KINDS) % 2))
+        pairs = gen.copy_tokens(tok, t)
+        if t["call"] is None:
+            assert pairs == []
+            continue
+        rec = gen.sft_record(t)
+        convo = tok(chat_format.render(tok, rec["conversations"], rec["tools"]), add_special_tokens=False)["input_ids"]
+        n_args = len([k for k in t["call"]["arguments"] if k not in gen.CLOSED_ARGUMENTS])
+        assert len(pairs) == n_args + 1
+        for value, source in pairs:
+            assert value and has(value, source), (t["question"], t["final"], tok.convert_ids_to_tokens(value))
+            assert has(value, convo)  # ... and the rendered call / tool message hold the same tokens
+            checked += 1
+    assert checked > 80
+    # the property fails for the old phrasing, so the check above can fail
+    old = {**t, "question": "Compute 6306 * 34936.", "call": {"name": "calculator",
+                                                               "arguments": {"expression": "6306 * 34936"}}}
+    value, source = gen.copy_tokens(tok, old)[0]
+    assert not has(value, source)

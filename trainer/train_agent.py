@@ -17,8 +17,10 @@ the results are appended as the chat template renders tool messages; it replies 
     reward_answer   +1.0 when the final answer holds gt (the same last number, or the text)
     reward_format   +0.2 when a task that needs a tool made at least one valid call (an offered tool, arguments
                     that fit its schema); once per task, so more calls never pay more
-    reward_calls    -0.2 per malformed or invalid call (cut off, not JSON, unknown tool, bad arguments) and -0.1 per
-                    unnecessary call (any call on a task that needs no tool, a repeat of an identical call); at
+    reward_calls    -0.2 per malformed or invalid call (cut off, not JSON, unknown tool, bad arguments), -0.2 when a
+                    task that needs a tool ends with no call tried at all (otherwise a model that cannot yet write a
+                    valid call learns to stop trying: dropping the <tool_call> tag beats a malformed call), and -0.1
+                    per unnecessary call (any call on a task that needs no tool, a repeat of an identical call); at
                     most -1.0 in all
 Advantages within each task's group, then the GRPO-family objective of train_grpo.py (trainer/rl_objectives.py:
 --loss_type, --importance_sampling_level, --epsilon/--epsilon_high, --num_iterations x --mini_batch_size optimizer
@@ -56,6 +58,7 @@ from trainer.trainer_utils import (Logger, RolloutUpdates, TrainLoop, UserError,
 ANSWER_REWARD = 1.0      # the final answer holds gt
 CALL_REWARD = 0.2        # a task that needs a tool made >= 1 valid call
 BAD_CALL_PENALTY = 0.2   # per malformed block or invalid call
+NO_CALL_PENALTY = 0.2    # a tool task with no call tried: never better than a malformed try
 EXTRA_CALL_PENALTY = 0.1  # per call on a no-tool task, per repeat of an identical call
 MAX_PENALTY = 1.0
 
@@ -79,9 +82,11 @@ def task_reward(task: dict, r) -> dict:
     s = score_task(task, r)
     bad = s["malformed_calls"] + s["calls"] - s["valid_calls"]
     extra = (s["calls"] if not s["needs_tool"] else 0) + repeated_calls(r.messages)
+    untried = s["needs_tool"] and s["calls"] + s["malformed_calls"] == 0
     return {"reward_answer": ANSWER_REWARD * s["success"],
             "reward_format": CALL_REWARD * (s["needs_tool"] and s["valid_calls"] > 0),
-            "reward_calls": -min(BAD_CALL_PENALTY * bad + EXTRA_CALL_PENALTY * extra, MAX_PENALTY)}
+            "reward_calls": -min(BAD_CALL_PENALTY * bad + NO_CALL_PENALTY * untried + EXTRA_CALL_PENALTY * extra,
+                                 MAX_PENALTY)}
 
 
 def score_rollouts(tasks: list[dict], results: list) -> tuple[torch.Tensor, dict]:
