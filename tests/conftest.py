@@ -17,6 +17,12 @@ import torch
 # Tests run beside subprocess trainings on 2 cores: one intra-op thread avoids oversubscription (30x slowdowns seen).
 torch.set_num_threads(1)
 
+# A suite started in the background by a shell without job control (`(pytest ... &)`, some CI runners) inherits
+# SIGINT ignored, and so would every script the Ctrl-C tests start: give this process, and through exec its
+# children, the normal disposition (seen in the session-7 CI rehearsal: 5 Ctrl-C tests failed that way only).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "dataset" / "demo"
 sys.path.insert(0, str(ROOT))
