@@ -19,9 +19,10 @@ eval_accuracy every --eval_every rollout batches. The table lists every seed, th
 
 Status (README "GRPO demo", docs/notes_stages.md "Session 7"): the issue's target (+10 points held-out, 2 seeds) is
 NOT reached and the 2-seed table has not been measured. On seed 0 (used to settle the recipe, never reported) this
-task gives RL the signal the two-digit one lacked (SFT model: held-out greedy 0.335, pass@8 0.745, sampled 0.164;
-25-40% of the groups all-equal instead of ~88%), but GRPO did not raise held-out accuracy within the budget tried
-(15-30 rollout batches, lr 5e-5 to 1e-3): training reward stayed flat.
+task gives RL the signal the two-digit one lacked (SFT model: held-out greedy 0.360 on all 300 prompts; pass@8 0.745
+and sampled 0.164 on 200; 25-40% of the groups all-equal instead of ~88%), but GRPO did not raise held-out accuracy
+in any setting tried (lr 5e-5 to 1e-3, up to 184 rollout batches): greedy accuracy fell to 0.20-0.28 while sampled
+accuracy barely moved.
 """
 import argparse
 import json
@@ -100,9 +101,10 @@ def one_seed(seed, data, args):
     logs.mkdir(parents=True, exist_ok=True)
     common = ["--hidden_size", args.hidden_size, "--num_hidden_layers", args.num_hidden_layers, "--device", "cpu",
               "--dtype", "float32", "--num_workers", 0, "--save_dir", out, "--checkpoint_dir", ckpt, "--seed", seed]
-    # --max_steps only ends a run early: enough epochs over the documents (32 per step) to reach it
+    # the documents fill --pretrain_steps batches of 32; a second epoch only covers the few the default held-out
+    # slice takes (it holds out 500 once they are <= 5% of the data) so that --max_steps is reached
     t = run("trainer/train_pretrain.py", *common, "--data_path", data / "pretrain.jsonl", "--max_seq_len", 200,
-            "--batch_size", 32, "--accumulation_steps", 1, "--learning_rate", 3e-3, "--epochs", 1,
+            "--batch_size", 32, "--accumulation_steps", 1, "--learning_rate", 3e-3, "--epochs", 2,
             "--max_steps", args.pretrain_steps, "--log_interval", 20, log=logs / "pretrain.log")
     t += run("trainer/train_full_sft.py", *common, "--data_path", data / "sft.jsonl", "--max_seq_len", 96,
              "--batch_size", 16, "--accumulation_steps", 1, "--learning_rate", 1e-3, "--epochs", args.sft_epochs,
@@ -168,7 +170,8 @@ def main():
     p.add_argument("--pretrain_steps", type=int, default=300)
     p.add_argument("--sft_examples", type=int, default=1000, help="chat traces for SFT")
     p.add_argument("--sft_epochs", type=int, default=1)
-    p.add_argument("--rl_prompts", type=int, default=2000, help="GRPO training prompts (disjoint from SFT's)")
+    p.add_argument("--rl_prompts", type=int, default=2000, help="GRPO training prompts (drawn apart from SFT's; "
+                   "either may repeat a training sequence, never a held-out one)")
     p.add_argument("--rollout_batches", type=int, default=15,
                    help="GRPO rollout batches per objective (optimizer steps: x its updates per batch)")
     p.add_argument("--batch_size", type=int, default=32, help="GRPO prompts per rollout batch")

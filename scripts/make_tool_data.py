@@ -148,7 +148,8 @@ def concise(schema: dict) -> dict:
     """A tool's schema without the arguments' descriptions: the prompt is then ~40% shorter (a demo model trains
     and rolls out that much faster), and the names and types it keeps are all a call needs."""
     f = schema["function"]
-    props = {k: {kk: vv for kk, vv in v.items() if kk != "description"} for k, v in f["parameters"]["properties"].items()}
+    props = {name: {k: v for k, v in spec.items() if k != "description"}
+             for name, spec in f["parameters"]["properties"].items()}
     return {"type": "function", "function": {**f, "parameters": {**f["parameters"], "properties": props}}}
 
 
@@ -161,7 +162,7 @@ def copy_tokens(tokenizer, task: dict) -> list[tuple[list[int], list[int]]]:
     but CLOSED_ARGUMENTS against the question, and the tool's result against the final answer. A string argument is
     written after '"' in the call (so without a leading space), a number after '": ' (with one); the result is read
     after a newline. The generator phrases the texts so that each copied value is a run of the same tokens in both
-    (tests/test_tools_data.py)."""
+    (tests/test_tools.py::test_demo_tasks_copy_the_same_tokens_they_read)."""
     def ids(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     pairs = []
