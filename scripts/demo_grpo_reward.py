@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -40,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "dataset" / "demo"))
 
 import make_demo  # noqa: E402
+
+TRACE = re.compile(r"\d,\d")  # a reply that lists running totals
 
 # The objectives the table compares, at equal rollouts: (flags, optimizer steps per rollout batch). "recommended" is
 # the README's recommendation for GRPO-family runs (DAPO token normalisation, clip-higher, each rollout used twice).
@@ -80,7 +83,8 @@ def make_task(data: Path, args):
     pretrain = make_demo.sum_train(is_train, rng, args.pretrain_steps * 32 * 5, args.digits)
     write_jsonl(data / "pretrain.jsonl", make_demo.sum_pretrain(pretrain, rng))
     write_jsonl(data / "sft.jsonl", make_demo.sum_rows(make_demo.sum_train(is_train, rng, args.sft_examples,
-                                                                           args.digits), rng))
+                                                                           args.digits), rng,
+                                                       trace_share=args.sft_trace_share))
     write_jsonl(data / "rl_train.jsonl", make_demo.sum_rows(make_demo.sum_train(is_train, rng, args.rl_prompts,
                                                                                 args.digits), rng, trace=False))
     write_jsonl(data / "heldout.jsonl", make_demo.sum_rows(heldout, rng, trace=False))
@@ -92,7 +96,9 @@ def evaluate(out, weight, data, logs, args):
     run("scripts/eval_answers.py", "--weight", weight, "--save_dir", out, "--data_path", data / "heldout.jsonl",
         "--device", "cpu", "--dtype", "float32", "--max_new_tokens", args.max_gen_len, "--max_prompt_len", 64,
         "--seed", 0, "--out", res, log=logs / f"eval_{weight}.log")
-    return json.loads(res.read_text())["accuracy"]
+    records = json.loads(res.read_text())
+    worked = sum(TRACE.search(r["greedy"]) is not None for r in records["records"]) / len(records["records"])
+    return records["accuracy"], worked
 
 
 def one_seed(seed, data, args):
@@ -109,8 +115,10 @@ def one_seed(seed, data, args):
     t += run("trainer/train_full_sft.py", *common, "--data_path", data / "sft.jsonl", "--max_seq_len", 96,
              "--batch_size", 16, "--accumulation_steps", 1, "--learning_rate", 1e-3, "--epochs", args.sft_epochs,
              "--from_weight", "pretrain", "--log_interval", 10, log=logs / "sft.log")
-    result = {"seed": seed, "full_sft": evaluate(out, "full_sft", data, logs, args), "seconds": {"pretrain+sft": t}}
-    print(f"seed {seed}: SFT held-out greedy accuracy {result['full_sft']:.3f}", flush=True)
+    acc, worked = evaluate(out, "full_sft", data, logs, args)
+    result = {"seed": seed, "full_sft": acc, "seconds": {"pretrain+sft": t}, "trace_share": {"full_sft": worked}}
+    print(f"seed {seed}: SFT held-out greedy accuracy {acc:.3f} ({worked:.0%} of the replies with the trace)",
+          flush=True)
     batches_per_epoch = args.rl_prompts // args.batch_size
 
     def grpo(name):
@@ -126,13 +134,14 @@ def one_seed(seed, data, args):
                    "--epochs", -(-args.rollout_batches // batches_per_epoch), "--log_interval", steps_per_batch,
                    "--save_interval", 10 ** 6, "--eval_interval", args.eval_every * steps_per_batch,
                    "--eval_data_path", data / "heldout.jsonl", *flags, log=logs / f"{weight}.log")
-        return name, evaluate(out, weight, data, logs, args), took
+        return name, *evaluate(out, weight, data, logs, args), took
 
     # one process per objective, side by side (both start from the same SFT weights)
     with ThreadPoolExecutor(len(args.objectives)) as pool:
-        for name, acc, took in pool.map(grpo, args.objectives):
-            result[name], result["seconds"][name] = acc, took
-            print(f"seed {seed}: {name} held-out greedy accuracy {acc:.3f} ({took:.0f}s)", flush=True)
+        for name, acc, worked, took in pool.map(grpo, args.objectives):
+            result[name], result["seconds"][name], result["trace_share"][name] = acc, took, worked
+            print(f"seed {seed}: {name} held-out greedy accuracy {acc:.3f} ({worked:.0%} of the replies with the "
+                  f"trace; {took:.0f}s)", flush=True)
     (work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -169,10 +178,12 @@ def main():
     p.add_argument("--heldout_prompts", type=int, default=300, help="held-out prompts drawn from those multisets")
     p.add_argument("--pretrain_steps", type=int, default=300)
     p.add_argument("--sft_examples", type=int, default=1000, help="chat traces for SFT")
-    p.add_argument("--sft_epochs", type=int, default=1)
+    p.add_argument("--sft_trace_share", type=float, default=1 / 3,
+                   help="share of the SFT replies with the worked trace; the others answer at once (sum_direct)")
+    p.add_argument("--sft_epochs", type=int, default=4)
     p.add_argument("--rl_prompts", type=int, default=2000, help="GRPO training prompts (drawn apart from SFT's; "
                    "either may repeat a training sequence, never a held-out one)")
-    p.add_argument("--rollout_batches", type=int, default=15,
+    p.add_argument("--rollout_batches", type=int, default=20,
                    help="GRPO rollout batches per objective (optimizer steps: x its updates per batch)")
     p.add_argument("--batch_size", type=int, default=32, help="GRPO prompts per rollout batch")
     p.add_argument("--num_generations", type=int, default=8)

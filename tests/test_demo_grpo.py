@@ -42,6 +42,24 @@ def test_trace_totals_sit_at_the_questions_stride():
     assert pieces[:11] == ["<think>", "\n", "3", ",", "8", ",", "10", ",", "14", ",", "21"]
 
 
+def test_sft_rows_mix_worked_and_direct_replies_evenly():
+    # the demo's SFT data: a third of the replies show the trace, the rest answer at once behind an empty think
+    # block (the form a hybrid-thinking model's non-thinking reply takes); both pass the answer check
+    seqs = [(1, 2, 3, 4, 5), (9, 9, 9, 9, 9), (0, 0, 0, 0, 1)] * 4
+    replies = [r["conversations"][-1]["content"] for r in make_demo.sum_rows(seqs, random.Random(0),
+                                                                             trace_share=1 / 3)]
+    worked = [i for i, r in enumerate(replies) if r == make_demo.sum_trace(seqs[i])]
+    assert worked == [2, 5, 8, 11]
+    assert all(replies[i] == f"<think>\n\n</think>\n<answer>\n{sum(seqs[i])}\n</answer>"
+               for i in range(12) if i not in worked)
+    assert all(answer_reward(r, str(sum(s))) == 1.0 and reference_answer(r) == str(sum(s))
+               for r, s in zip(replies, seqs))
+    every = make_demo.sum_rows(seqs, random.Random(0))  # the default: every reply worked
+    assert all(r["conversations"][-1]["content"] == make_demo.sum_trace(s) for r, s in zip(every, seqs))
+    half = make_demo.sum_rows(seqs[:10], random.Random(0), trace_share=0.5)
+    assert sum("," in r["conversations"][-1]["content"] for r in half) == 5
+
+
 def test_splits_are_disjoint_and_fixed():
     is_train, held = make_demo.sum_splits(5, heldout_sets=150, heldout_prompts=300)
     assert len(held) == len(set(held)) == 300 and len({tuple(sorted(s)) for s in held}) <= 150

@@ -367,12 +367,24 @@ def sum_train(is_train, rng, n, n_digits=5):
     return out
 
 
-def sum_rows(seqs, rng, trace=True):
-    """SFT/RLAIF conversations: a question, then the worked trace (trace=True) or the bare sum as the checkable
-    last message."""
+def sum_direct(digits):
+    """The reply that answers at once: an empty think block, then the sum (a hybrid-thinking model's reply with
+    thinking off). The model must add all the digits in one forward pass."""
+    return f"<think>\n\n</think>\n<answer>\n{sum(digits)}\n</answer>"
+
+
+def sum_rows(seqs, rng, trace=True, trace_share=1.0):
+    """SFT/RLAIF conversations: a question, then the reply (trace=True) or the bare sum as the checkable last message
+    (trace=False: RL prompts). With trace=True a `trace_share` of the rows, spread evenly (row i has it when
+    floor((i + 1) * share) > floor(i * share)), get the worked trace and the others the direct reply (sum_direct)."""
+    def reply(i, seq):
+        if not trace:
+            return str(sum(seq))
+        worked = int((i + 1) * trace_share) > int(i * trace_share)
+        return sum_trace(seq) if worked else sum_direct(seq)
     return [{"conversations": [{"role": "user", "content": sum_question(rng, seq)},
-                               {"role": "assistant", "content": sum_trace(seq) if trace else str(sum(seq))}]}
-            for seq in seqs]
+                               {"role": "assistant", "content": reply(i, seq)}]}
+            for i, seq in enumerate(seqs)]
 
 
 def sum_pretrain(seqs, rng, per_doc=5):
