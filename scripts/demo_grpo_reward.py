@@ -162,6 +162,9 @@ def report(results, objectives, n_heldout, args):
     for c in objectives:
         print(f"{c}: held-out greedy accuracy {means['full_sft']:.3f} -> {means[c]:.3f} "
               f"({100 * (means[c] - means['full_sft']):+.1f} points, mean of {len(results)} seed(s))")
+    if all(c in r.get("trace_share", {}) for r in results for c in cols):
+        shares = ", ".join(f"{c} {statistics.mean(r['trace_share'][c] for r in results):.0%}" for c in cols)
+        print(f"greedy replies that write the running totals (mean over seeds): {shares}")
 
 
 def main():

@@ -79,11 +79,13 @@ def test_report_mode_prints_the_table(tmp_path):
         (tmp_path / f"seed{seed}").mkdir()
         (tmp_path / f"seed{seed}" / "result.json").write_text(json.dumps(
             {"seed": seed, "full_sft": sft, "grpo": grpo, "recommended": rec,
-             "seconds": {"pretrain+sft": 10, "grpo": 20, "recommended": 30}}))
+             "seconds": {"pretrain+sft": 10, "grpo": 20, "recommended": 30},
+             "trace_share": {"full_sft": 0.0, "grpo": 0.5 * (seed - 1), "recommended": 1.0}}))
     out = run_script("scripts/demo_grpo_reward.py", "--workdir", tmp_path, "--report",
                      tmp=tmp_path).stdout
     assert "| 1 | 0.200 | 0.350 | 0.400 | 10, 20, 30 |" in out
     assert "| mean (spread) | 0.250 (0.100) | 0.375 (0.050) | 0.450 (0.100) | |" in out
     assert "grpo: held-out greedy accuracy 0.250 -> 0.375 (+12.5 points, mean of 2 seed(s))" in out
+    assert "(mean over seeds): full_sft 0%, grpo 25%, recommended 100%" in out
     held = [json.loads(x) for x in (tmp_path / "data" / "heldout.jsonl").read_text().splitlines()]
     assert len(held) == 300 and all(r["conversations"][-1]["content"].isdigit() for r in held)

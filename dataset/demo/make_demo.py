@@ -388,8 +388,14 @@ def sum_rows(seqs, rng, trace=True, trace_share=1.0):
 
 
 def sum_pretrain(seqs, rng, per_doc=5):
-    """Plain-text documents of worked problems (question, newline, trace), `per_doc` each, from `seqs`."""
-    return [{"text": "\n\n".join(sum_question(rng, s) + "\n" + sum_trace(s) for s in seqs[i:i + per_doc])}
+    """Pretraining documents of worked problems, `per_doc` each, from `seqs`, laid out as chat turns (ChatML, as the
+    chat template renders them): the trace then sits at the same distance from the question as in a chat reply, so
+    the copy offsets learned here are the ones the chat needs (plain "question\ntrace" text puts four tokens fewer in
+    between, and one SFT epoch did not re-learn that: docs/notes_stages.md, session 8)."""
+    def turn(s):
+        return (f"<|im_start|>user\n{sum_question(rng, s)}<|im_end|>\n"
+                f"<|im_start|>assistant\n{sum_trace(s)}<|im_end|>")
+    return [{"text": "\n".join(turn(s) for s in seqs[i:i + per_doc])}
             for i in range(0, len(seqs) - per_doc + 1, per_doc)]
 
 
