@@ -42,6 +42,20 @@ def test_trace_totals_sit_at_the_questions_stride():
     assert pieces[:11] == ["<think>", "\n", "3", ",", "8", ",", "10", ",", "14", ",", "21"]
 
 
+def test_pretraining_turns_are_the_chat_templates_rendering():
+    # the copy offsets pretraining teaches must be the chat's: every problem of a pretraining document is exactly
+    # the chat template's rendering of that question and its trace, token for token
+    tok = AutoTokenizer.from_pretrained(str(ROOT / "model"))
+    seqs = [(3, 5, 2, 4, 7), (0, 9, 9, 1, 8)]
+    text = make_demo.sum_pretrain(seqs, random.Random(4), per_doc=2)[0]["text"]
+    rng = random.Random(4)
+    rendered = "".join(tok.apply_chat_template(
+        [{"role": "user", "content": make_demo.sum_question(rng, s)},
+         {"role": "assistant", "content": make_demo.sum_trace(s)}], tokenize=False) for s in seqs)
+    assert text + "\n" == rendered
+    assert tok(text + "\n")["input_ids"] == tok(rendered)["input_ids"]
+
+
 def test_sft_rows_mix_worked_and_direct_replies_evenly():
     # the demo's SFT data: a third of the replies show the trace, the rest answer at once behind an empty think
     # block (the form a hybrid-thinking model's non-thinking reply takes); both pass the answer check
