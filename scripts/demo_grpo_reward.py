@@ -3,26 +3,25 @@
     python scripts/demo_grpo_reward.py                       # seeds 1 and 2: pretrain -> SFT -> GRPO (both objectives)
     python scripts/demo_grpo_reward.py --seeds 1 --objectives grpo
 
-The task (dataset/demo/make_demo.py `sum_*`): "计算：3+5+2+4+7" (4 zh/en templates, the expression always last); the
-worked answer lists the running totals, "<think>\n3,8,10,14,21\n</think>\n<answer>\n21\n</answer>". Every digit
-and every total up to 45 is one token, so total k sits at a fixed distance from digit k of the question: one copy
-and one addition fact per step, which a 128x4 model learns. 300 held-out prompts are orderings of 150 digit
-multisets that never appear, in any order, in pretraining, SFT or RL.
+The task (dataset/demo/make_demo.py `sum_*`): "计算：3+5+2+4+7" (4 zh/en templates, the expression always last). A
+worked reply lists the running totals, "<think>\n3,8,10,14,21\n</think>\n<answer>\n21\n</answer>" (every digit and
+every total up to 45 is one token, so total k sits at a fixed distance from digit k: one copy and one addition fact per
+step); a direct reply answers at once behind an empty think block, "<think>\n\n</think>\n<answer>\n21\n</answer>"
+(a hybrid-thinking model's reply with thinking off). 300 held-out prompts are orderings of 150 digit multisets that
+never appear, in any order, in pretraining, SFT or RL.
 
 Per seed, every stage is the real script (commands printed, logs in the work folder): a 128x4 model is pretrained on
-plain-text worked problems (--pretrain_steps, every problem seen once), SFT'd on --sft_examples chat traces (few on
-purpose: the SFT model should be imperfect so that RL has room), then GRPO'd with the rule reward only (1 when the
-final answer equals the sum) on --rl_prompts other training prompts, once per objective in --objectives from the
-same SFT weights with the same rollouts (batches x prompts x generations). Held-out greedy accuracy
-(scripts/eval_answers.py) is measured for the SFT model and for each GRPO model; each GRPO run also logs
-eval_accuracy every --eval_every rollout batches. The table lists every seed, the mean and the spread.
+worked problems laid out as chat turns (--pretrain_steps, every problem seen once), SFT'd --sft_epochs epochs on
+--sft_examples replies of which --sft_trace_share are worked and the rest direct (so the SFT model answers directly
+by default), then GRPO'd with the rule reward only (1 when the final answer equals the sum) on --rl_prompts other
+training prompts, once per objective in --objectives from the same SFT weights with the same rollouts (batches x
+prompts x generations). Held-out greedy accuracy (scripts/eval_answers.py) and the share of greedy replies that write
+the trace are measured for the SFT model and for each GRPO model; each GRPO run also logs eval_accuracy every
+--eval_every rollout batches. The table lists every seed, the mean and the spread.
 
-Status (README "GRPO demo", docs/notes_stages.md "Session 7"): the issue's target (+10 points held-out, 2 seeds) is
-NOT reached and the 2-seed table has not been measured. On seed 0 (used to settle the recipe, never reported) this
-task gives RL the signal the two-digit one lacked (SFT model: held-out greedy 0.360 on all 300 prompts; pass@8 0.745
-and sampled 0.164 on 200; 25-40% of the groups all-equal instead of ~88%), but GRPO did not raise held-out accuracy
-in any setting tried (lr 5e-5 to 1e-3, up to 184 rollout batches): greedy accuracy fell to 0.20-0.28 while sampled
-accuracy barely moved.
+Status (README "GRPO demo", docs/notes_stages.md "Session 8"): the issue's target (+10 points held-out, mean of 2
+seeds) is NOT reached. Seeds 1 and 2 with these defaults: SFT 0.200 / 0.297, grpo 0.240 / 0.327, recommended 0.227 /
+0.330 (+3.5 and +3.0 points on the mean). Seed 0, on which the recipe was chosen: 0.247 -> 0.390 / 0.393.
 """
 import argparse
 import json
@@ -179,8 +178,8 @@ def main():
     p.add_argument("--digits", type=int, default=5, help="digits per problem (0-9 each)")
     p.add_argument("--heldout_sets", type=int, default=150, help="digit multisets held out in every order")
     p.add_argument("--heldout_prompts", type=int, default=300, help="held-out prompts drawn from those multisets")
-    p.add_argument("--pretrain_steps", type=int, default=300)
-    p.add_argument("--sft_examples", type=int, default=1000, help="chat traces for SFT")
+    p.add_argument("--pretrain_steps", type=int, default=300, help="batches of 32 documents of 5 worked problems")
+    p.add_argument("--sft_examples", type=int, default=1000, help="chat replies for SFT (worked or direct)")
     p.add_argument("--sft_trace_share", type=float, default=1 / 3,
                    help="share of the SFT replies with the worked trace; the others answer at once (sum_direct)")
     p.add_argument("--sft_epochs", type=int, default=4)
