@@ -54,13 +54,15 @@ OBJECTIVES = {
 }
 
 
-def run(script, *flags, log):
-    """One stage as a subprocess, its output in `log`; returns the seconds it took."""
+def run(script, *flags, log, threads=None):
+    """One stage as a subprocess, its output in `log`; returns the seconds it took. `threads`: the stage's torch
+    threads (OMP_NUM_THREADS), for stages run side by side; None leaves torch's default (every core)."""
     cmd = [sys.executable, str(ROOT / script), *map(str, flags)]
     print(f"=== python {' '.join(str(c) for c in cmd[1:])}\n    (log: {log})", flush=True)
     t0 = time.time()
     with open(log, "w") as f:
-        if subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+        env = None if threads is None else dict(os.environ, OMP_NUM_THREADS=str(threads))
+        if subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
             sys.exit(f"{script} failed; see {log}")
     return time.time() - t0
 
@@ -93,11 +95,11 @@ def make_task(data: Path, args):
     return len(heldout)
 
 
-def evaluate(out, weight, data, logs, args):
+def evaluate(out, weight, data, logs, args, threads=None):
     res = out / f"eval_{weight}.json"
     run("scripts/eval_answers.py", "--weight", weight, "--save_dir", out, "--data_path", data / "heldout.jsonl",
         "--device", "cpu", "--dtype", "float32", "--max_new_tokens", args.max_gen_len, "--max_prompt_len", 64,
-        "--seed", 0, "--out", res, log=logs / f"eval_{weight}.log")
+        "--seed", 0, "--out", res, log=logs / f"eval_{weight}.log", threads=threads)
     records = json.loads(res.read_text())
     worked = sum(TRACE.search(r["greedy"]) is not None for r in records["records"]) / len(records["records"])
     return records["accuracy"], worked
@@ -135,10 +137,12 @@ def one_seed(seed, data, args):
                    "--max_steps", args.rollout_batches * steps_per_batch,
                    "--epochs", -(-args.rollout_batches // batches_per_epoch), "--log_interval", steps_per_batch,
                    "--save_interval", 10 ** 6, "--eval_interval", args.eval_every * steps_per_batch,
-                   "--eval_data_path", data / "heldout.jsonl", *flags, log=logs / f"{weight}.log")
-        return name, *evaluate(out, weight, data, logs, args), took
+                   "--eval_data_path", data / "heldout.jsonl", *flags, log=logs / f"{weight}.log", threads=threads)
+        return name, *evaluate(out, weight, data, logs, args, threads), took
 
-    # one process per objective, side by side (both start from the same SFT weights)
+    # one process per objective, side by side (both start from the same SFT weights), each with its share of the
+    # cores: two processes with torch's default threads each on 2 cores ran ~4x slower than one alone
+    threads = max(1, len(os.sched_getaffinity(0)) // len(args.objectives))
     with ThreadPoolExecutor(len(args.objectives)) as pool:
         for name, acc, worked, took in pool.map(grpo, args.objectives):
             result[name], result["seconds"][name], result["trace_share"][name] = acc, took, worked

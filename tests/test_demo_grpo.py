@@ -103,3 +103,14 @@ def test_report_mode_prints_the_table(tmp_path):
     assert "(mean over seeds): full_sft 0%, grpo 25%, recommended 100%" in out
     held = [json.loads(x) for x in (tmp_path / "data" / "heldout.jsonl").read_text().splitlines()]
     assert len(held) == 300 and all(r["conversations"][-1]["content"].isdigit() for r in held)
+
+
+def test_side_by_side_stages_get_their_share_of_the_threads(tmp_path):
+    """The two objectives' GRPO runs go side by side; with torch's default threads each, two processes on 2 cores ran
+    ~4x slower than one alone (session 9), so a stage given `threads` must see exactly that many."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from demo_grpo_reward import run
+    probe = tmp_path / "probe.py"
+    probe.write_text("import sys, torch\nopen(sys.argv[1], 'w').write(str(torch.get_num_threads()))\n")
+    run(probe, tmp_path / "one.txt", log=tmp_path / "one.log", threads=1)
+    assert (tmp_path / "one.txt").read_text() == "1"
