@@ -1,6 +1,6 @@
 """Proof that RL here improves a skill on prompts it never trained on: sums of five digits with a worked trace.
 
-    python scripts/demo_grpo_reward.py                       # seeds 1 and 2: pretrain -> SFT -> GRPO (both objectives)
+    python scripts/demo_grpo_reward.py                       # seeds 3 and 4: pretrain -> SFT -> GRPO (both objectives)
     python scripts/demo_grpo_reward.py --seeds 1 --objectives grpo
 
 The task (dataset/demo/make_demo.py `sum_*`): "计算：3+5+2+4+7" (4 zh/en templates, the expression always last). A
@@ -177,7 +177,8 @@ def main():
     p = argparse.ArgumentParser(description="Held-out GRPO demo: sums of five digits with a worked trace",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--workdir", type=str, default=str(ROOT / "out" / "demo_grpo"), help="data, weights, logs")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="one full pipeline per seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[3, 4],
+                   help="one full pipeline per seed (3, 4: the first seeds never looked at while choosing the recipe)")
     p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES),
                    help="GRPO objectives to compare at equal rollouts")
     p.add_argument("--hidden_size", type=int, default=128)
