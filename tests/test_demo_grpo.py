@@ -13,7 +13,9 @@ from trainer.answer_eval import reference_answer
 from trainer.rl_utils import answer_reward, format_reward
 
 sys.path.insert(0, str(DEMO))
+sys.path.insert(0, str(ROOT / "scripts"))
 import make_demo  # noqa: E402
+from demo_grpo_reward import run  # noqa: E402
 
 
 def test_trace_is_right_and_well_formed():
@@ -108,8 +110,6 @@ def test_report_mode_prints_the_table(tmp_path):
 def test_side_by_side_stages_get_their_share_of_the_threads(tmp_path):
     """The two objectives' GRPO runs go side by side; with torch's default threads each, two processes on 2 cores ran
     ~4x slower than one alone (session 9), so a stage given `threads` must see exactly that many."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from demo_grpo_reward import run
     probe = tmp_path / "probe.py"
     probe.write_text("import sys, torch\nopen(sys.argv[1], 'w').write(str(torch.get_num_threads()))\n")
     run(probe, tmp_path / "one.txt", log=tmp_path / "one.log", threads=1)
